@@ -1,0 +1,47 @@
+"""The `glmserve` command line."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _info(args: argparse.Namespace) -> int:
+    from glmserve.model.config import GlmConfig
+    from glmserve.model.default_checkpoint import PACKAGED
+    from glmserve.model.size import model_size
+
+    source = Path(args.config or args.model or PACKAGED)
+    config = GlmConfig.from_pretrained(source)
+    print(f"model: {source}")
+    print(
+        f"layers {config.num_hidden_layers} (+{config.num_nextn_predict_layers} MTP), "
+        f"indexer full/shared {config.indexer_types.count('full')}/{config.indexer_types.count('shared')}, "
+        f"experts {config.n_routed_experts} top-{config.num_experts_per_tok}, "
+        f"context {config.max_position_embeddings}"
+    )
+    print(model_size(config).table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmserve", description="Serve GLM-5.x models: disaggregated, on Ray Serve.")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="print a model's shape and size (parameters, activated per token)")
+    src = info.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory (default: the embedded glm5-tiny)")
+    src.add_argument("--config", help="a config.json file")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Rotary position embedding as GLM-5 applies it to the rope slices of MLA and of the DSA indexer."""
+
+import torch
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [*positions.shape, dim // 2]: one angle per rotated pair."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    # transformers rounds cos/sin to the activation dtype before rotating; doing the same keeps bf16 parity.
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dim of x. cos/sin broadcast against x[..., : dim // 2].
+
+    Interleaved pairs are (x0, x1), (x2, x3), ...; the result is written de-interleaved (rotated evens, then rotated
+    odds), as transformers does. That permutes q and k the same way, so their dot product is unchanged.
+    """
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
