@@ -18,7 +18,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePath
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,12 @@ SPECIAL_TOKENS = (
     "</arg_value>",
 )
 EOS_TOKEN = "<|endoftext|>"
+# Markup the model writes as text: reasoning and tool-call tags. They stay single tokens but are not "special", so
+# decoding with skip_special_tokens keeps them for the reasoning and tool-call parsers (as GLM's own tokenizer does).
+MARKUP_TOKENS = frozenset(
+    ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+    + ("<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+)
 STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")  # GLM-5.2's eos_token_id order
 
 # GPT-4 style split (GLM's tokenizer uses the same one): letters, 1-3 digit numbers, punctuation runs, whitespace.
@@ -115,7 +121,11 @@ def train(
     tokenizer.train_from_iterator(texts, trainer=trainer, length=num_files)
     if tokenizer.get_vocab_size() != bpe_size:
         raise RuntimeError(f"corpus too small: BPE reached {tokenizer.get_vocab_size()} of {bpe_size} tokens")
-    tokenizer.add_special_tokens(list(special_tokens))
+    for token in special_tokens:  # one at a time: ids follow the order given
+        if token in MARKUP_TOKENS:
+            tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)])
+        else:
+            tokenizer.add_special_tokens([token])
     return tokenizer
 
 
@@ -132,7 +142,7 @@ def tokenizer_config(tokenizer: Tokenizer, model_max_length: int = MODEL_MAX_LEN
         }
         for token_id, token in sorted(tokenizer.get_added_tokens_decoder().items())
     }
-    specials = [t["content"] for t in added.values() if t["content"] != EOS_TOKEN]
+    specials = [t["content"] for t in added.values() if t["special"] and t["content"] != EOS_TOKEN]
     return {
         "added_tokens_decoder": added,
         "additional_special_tokens": specials,

@@ -55,8 +55,14 @@ def test_special_tokens_are_single_tokens_with_expected_ids(tokenizer):
         assert tokenizer.encode(token) == [token_id]
         assert tokenizer.encode(f"a{token}b")[1:-1] == [token_id]  # never split, whatever surrounds it
         assert tokenizer.decode([token_id]) == token
-    assert tokenizer.special_token_ids == set(range(first, tokenizer.vocab_size))
+    control = {tokenizer.token_to_id(t) for t in train_tokenizer.SPECIAL_TOKENS} - {
+        tokenizer.token_to_id(t) for t in train_tokenizer.MARKUP_TOKENS
+    }
+    assert tokenizer.special_token_ids == control
     assert tokenizer.decode(tokenizer.encode("x<|user|>y"), skip_special_tokens=True) == "xy"
+    # reasoning and tool-call tags survive skip_special_tokens: the API's parsers read them
+    markup = "<think>a</think><tool_call>f<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>"
+    assert tokenizer.decode(tokenizer.encode(markup), skip_special_tokens=True) == markup
 
 
 def test_stop_and_pad_ids_in_config(tokenizer):
