@@ -1,0 +1,388 @@
+"""Request bodies of `/v1/chat/completions` and `/v1/completions` (OpenAI fields, vLLM extras, Z.AI fields), and
+their translation into chat-template inputs and vLLM-named sampling parameters.
+
+Validation policy:
+- Unknown fields are ignored: OpenAI SDKs and agent frameworks send many we do not use (`store`, `metadata`,
+  `parallel_tool_calls`, `logit_bias`, `suffix`, `best_of`, ...), and refusing them would break those clients.
+- Known fields are strict: no "5" for 5, no 1 for true, no 2.0 for an integer (ints are fine for floats), so a bad
+  value is a 400 naming the field. Checks that involve two fields run in the later field's validator, so the error
+  still names a field (`top_logprobs`, `min_tokens`, `tool_choice`).
+- null means "not set" for every field (OpenAI clients send `"n": null`, `"stop": null`).
+- `stream_options` without `stream` is accepted and has no effect.
+- Only text content is accepted; content given as a list of text parts is joined into one string, as the GLM
+  template would do.
+- `response_format` and a required/named `tool_choice` are validated and stored; nothing here enforces them.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+MAX_TOP_LOGPROBS = 20
+
+# Neutral sampling values, used where neither the request nor the model's generation defaults set one.
+SAMPLING_DEFAULTS: dict[str, float | int] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": -1,  # -1: no top-k cut
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+
+
+class _StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_unset(cls, data: Any) -> Any:
+        # OpenAI's spec makes most fields nullable and clients send null for "not set": the default applies
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+
+class FunctionCallSpec(_StrictModel):
+    """`function` of a tool call in an assistant message of the history."""
+
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's wire format); a JSON object itself is accepted too
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _object_to_text(cls, value: Any) -> Any:
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
+
+    @field_validator("arguments")
+    @classmethod
+    def _must_be_json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"must be a JSON object as text, got invalid JSON ({e})") from e
+        if not isinstance(parsed, dict):
+            raise ValueError(f"must be a JSON object, got {type(parsed).__name__}")
+        return value
+
+
+class ToolCallSpec(_StrictModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallSpec
+
+
+class ChatMessage(_StrictModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = Field(None, validate_default=True)
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallSpec] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, content: Any) -> Any:
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for i, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"part {i} is a {kind!r} part; only text parts are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+
+    @field_validator("content")
+    @classmethod
+    def _required_unless_assistant(cls, content: str | None, info: ValidationInfo) -> str | None:
+        role = info.data.get("role")
+        if content is None and role is not None and role != "assistant":
+            raise ValueError(f"is required for role {role!r}")
+        return content
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_only(cls, tool_calls: list[ToolCallSpec] | None, info: ValidationInfo) -> list | None:
+        role = info.data.get("role")
+        if tool_calls and role is not None and role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, this one has role {role!r}")
+        return tool_calls
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as the chat template reads it: developer is system, tool-call arguments are dicts."""
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.content or "",
+        }
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)},
+                }
+                for call in self.tool_calls
+            ]
+        return message
+
+
+class FunctionDefinition(_StrictModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ToolDefinition(_StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_StrictModel):
+    name: str
+
+
+class NamedToolChoice(_StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaSpec(_StrictModel):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = Field(None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _present_for_json_schema(cls, spec: JsonSchemaSpec | None, info: ValidationInfo) -> JsonSchemaSpec | None:
+        if spec is None and info.data.get("type") == "json_schema":
+            raise ValueError('is required when type is "json_schema"')
+        return spec
+
+
+class StreamOptions(_StrictModel):
+    include_usage: bool = False
+
+
+class ThinkingOptions(_StrictModel):
+    """Z.AI `thinking`."""
+
+    type: Literal["enabled", "disabled"] = "enabled"
+    clear_thinking: bool | None = None  # False keeps earlier turns' reasoning in the prompt
+
+
+class ChatTemplateOptions(_StrictModel):
+    """vLLM's `chat_template_kwargs`, as GLM users send it through vLLM today; only the keys GLM reads are used."""
+
+    enable_thinking: bool | None = None
+    clear_thinking: bool | None = None
+    reasoning_effort: Literal["max", "high"] | None = None
+
+
+class GenerationRequest(_StrictModel, abc.ABC):
+    """Fields both endpoints share."""
+
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stop: list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = Field(None, ge=-1)  # 0 and -1: no top-k cut
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    skip_special_tokens: bool = True
+    # Z.AI
+    do_sample: bool | None = None  # False: greedy
+    request_id: str | None = None
+    user_id: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _single_stop_to_list(cls, stop: Any) -> Any:
+        return [stop] if isinstance(stop, str) else stop
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str] | None) -> list[str] | None:
+        if stop is not None and "" in stop:
+            raise ValueError("stop strings must not be empty")
+        return stop
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _not_above_max_tokens(cls, min_tokens: int, info: ValidationInfo) -> int:
+        limit = info.data.get("max_completion_tokens") or info.data.get("max_tokens")
+        if limit is not None and min_tokens > limit:
+            raise ValueError(f"min_tokens ({min_tokens}) is above the max_tokens limit ({limit})")
+        return min_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    @abc.abstractmethod
+    def logprobs_count(self) -> int | None:
+        """Top alternatives to return per generated token; None: no logprobs at all."""
+
+    def sampling_params(self, default_max_tokens: int, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Sampling parameters with vLLM's names. `default_max_tokens` applies when the request sets no limit;
+        `defaults` (e.g. the checkpoint's generation_config) replace SAMPLING_DEFAULTS where the request is silent."""
+        params: dict[str, Any] = dict(SAMPLING_DEFAULTS)
+        params.update({key: value for key, value in (defaults or {}).items() if key in SAMPLING_DEFAULTS})
+        params.update({key: getattr(self, key) for key in SAMPLING_DEFAULTS if getattr(self, key) is not None})
+        if self.do_sample is False:
+            params["temperature"] = 0.0
+        if params["top_k"] == 0:
+            params["top_k"] = -1
+        params.update(
+            seed=self.seed,
+            stop=list(self.stop or ()),
+            stop_token_ids=list(self.stop_token_ids or ()),
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs_count(),
+            skip_special_tokens=self.skip_special_tokens,
+            n=self.n,
+        )
+        return params
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
+    # Z.AI
+    thinking: ThinkingOptions | None = None
+    reasoning_effort: Literal["max", "high"] | None = None
+    tool_stream: bool = False  # stream tool-call arguments as fragments
+    # vLLM
+    chat_template_kwargs: ChatTemplateOptions | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs=true")
+        return top_logprobs
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_shape(cls, choice: Any) -> Any:
+        # checked here so a wrong shape gets one clear message instead of one per union member
+        if choice is None or choice in ("none", "auto", "required"):
+            return choice
+        function = choice.get("function") if isinstance(choice, dict) else None
+        if isinstance(function, dict) and choice.get("type") == "function" and isinstance(function.get("name"), str):
+            return choice
+        raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _chosen_tool_exists(cls, choice: Any, info: ValidationInfo) -> Any:
+        names = {tool.function.name for tool in info.data.get("tools") or ()}
+        if choice == "required" and not names:
+            raise ValueError('"required" needs tools')
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"names tool {choice.function.name!r}, which is not in tools")
+        return choice
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def thinking_enabled(self) -> bool:
+        """Whether the prompt opens a `<think>` block (so the output starts inside reasoning). Default: yes."""
+        if self.thinking is not None:
+            return self.thinking.type == "enabled"
+        options = self.chat_template_kwargs
+        return options is None or options.enable_thinking is not False
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether tools are offered to the model (so its output is parsed for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the chat template render: messages, tools (OpenAI dicts, None when not offered),
+        add_generation_prompt, and GLM's enable_thinking, clear_thinking (default True) and reasoning_effort
+        (default "max"). Z.AI's top-level fields win over vLLM's `chat_template_kwargs`."""
+        options = self.chat_template_kwargs or ChatTemplateOptions()
+        clear_thinking = self.thinking.clear_thinking if self.thinking is not None else None
+        if clear_thinking is None:
+            clear_thinking = options.clear_thinking
+        return {
+            "messages": [message.template_message() for message in self.messages],
+            "tools": [tool.model_dump(exclude_none=True) for tool in self.tools] if self.parses_tool_calls else None,
+            "add_generation_prompt": True,
+            "enable_thinking": self.thinking_enabled,
+            "clear_thinking": clear_thinking is not False,
+            "reasoning_effort": self.reasoning_effort or options.reasoning_effort or "max",
+        }
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        # checked here so a wrong shape gets one clear message instead of one per union member
+        if isinstance(prompt, str):
+            return prompt
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("must be a string, a list of strings, a list of token ids or a list of such lists")
+        if all(isinstance(p, str) for p in prompt) or _is_token_ids(prompt):
+            return prompt
+        if all(isinstance(p, list) for p in prompt):
+            for i, ids in enumerate(prompt):
+                if not ids or not _is_token_ids(ids):
+                    raise ValueError(f"prompt {i} must be a non-empty list of token ids (integers >= 0)")
+            return prompt
+        raise ValueError("a list prompt must hold only strings, only token ids (integers >= 0), or only such lists")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts to complete: one per string or token-id list."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
+
+
+def _is_token_ids(values: list) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
