@@ -9,6 +9,7 @@ from pathlib import Path
 def _info(args: argparse.Namespace) -> int:
     from glmserve.model.config import GlmConfig
     from glmserve.model.default_checkpoint import PACKAGED
+    from glmserve.model.kv_cache import kv_bytes_report
     from glmserve.model.size import model_size
 
     source = Path(args.config or args.model or PACKAGED)
@@ -21,6 +22,14 @@ def _info(args: argparse.Namespace) -> int:
         f"context {config.max_position_embeddings}"
     )
     print(model_size(config).table())
+    print(kv_bytes_report(config))
+    return 0
+
+
+def _bench_scheduler(args: argparse.Namespace) -> int:
+    from glmserve.decode.bench_scheduler import run_bench_scheduler
+
+    run_bench_scheduler(args.num_seqs, tuple(args.contexts), args.steps, args.output_json)
     return 0
 
 
@@ -34,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="checkpoint directory (default: the embedded glm5-tiny)")
     src.add_argument("--config", help="a config.json file")
     info.set_defaults(func=_info)
+
+    bench = sub.add_parser("bench", help="benchmarks: each prints a table and writes JSON").add_subparsers(
+        dest="bench", required=True
+    )
+    sched = bench.add_parser("scheduler", help="CPU cost of one scheduling step vs context length")
+    sched.add_argument("--num-seqs", type=int, default=256)
+    sched.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768])
+    sched.add_argument("--steps", type=int, default=200)
+    sched.add_argument("--output-json", default="bench_scheduler.json")
+    sched.set_defaults(func=_bench_scheduler)
     return parser
 
 

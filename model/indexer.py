@@ -52,6 +52,15 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Ten
     return torch.einsum("...sh,...sht->...st", w, logits.relu())
 
 
+def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k best scores along the last dim; among equal scores the earlier position wins.
+
+    ReLU makes exact ties common (a key every head scores <= 0 gets exactly 0), and torch.topk breaks ties
+    differently for different row lengths; a fixed rule makes the choice independent of how queries are batched.
+    """
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def causal_topk_mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, topk: int) -> torch.Tensor:
     """Boolean [..., S, T]: key t is causal for query s and among its `topk` best scores.
 
@@ -60,5 +69,5 @@ def causal_topk_mask(scores: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Ten
     causal = k_pos[None, :] <= q_pos[:, None]
     scores = scores.masked_fill(~causal, float("-inf"))
     k = min(topk, scores.shape[-1])
-    chosen = torch.zeros_like(causal.expand_as(scores)).scatter(-1, scores.topk(k, dim=-1).indices, True)
+    chosen = torch.zeros_like(causal.expand_as(scores)).scatter(-1, topk_positions(scores, k), True)
     return chosen & causal

@@ -1,0 +1,128 @@
+"""Drives an `LLMEngine` from asyncio code (Ray Serve replicas, the HTTP server).
+
+The engine is single-threaded, so it lives in one background thread that alternates between applying queued
+commands (add, abort, anything else that touches engine state) and running steps. Outputs go back to each request's
+asyncio queue on the caller's event loop. A request whose consumer goes away (client disconnect, cancellation) is
+aborted, so its blocks return to the pool.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from .engine import LLMEngine
+from .outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- engine thread ----
+    def _loop(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_commands()
+                if not self.engine.scheduler.has_work:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as e:  # surface to every waiter instead of hanging them
+            log.exception("engine loop died")
+            self._error = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine loop died: {e!r}"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    # ---- any thread ----
+    def submit(self, command: Callable[[], Any]) -> "asyncio.Future[Any]":
+        """Run `command()` on the engine thread between steps; the future resolves with its result."""
+        if self._error is not None:
+            raise EngineDeadError(f"engine loop died: {self._error!r}")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = command()
+            except BaseException as e:
+                loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        self._commands.put(run)
+        self._wake.set()
+        return future
+
+    async def generate(self, request_id: str, prompt: str | list[int], params) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; raises what `add_request` raises (e.g. InvalidRequest)."""
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        finished = False
+        try:
+            await self.submit(lambda: self.engine.add_request(request_id, prompt, params))
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(lambda: self.engine.abort(request_id))
+                self._wake.set()
+
+    def attach(self, request_id: str) -> "asyncio.Queue":
+        """Receive outputs of a request added by some other command (remote-prefill flows)."""
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        return q
+
+    def detach(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
