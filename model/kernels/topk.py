@@ -1,0 +1,140 @@
+"""Per-query top-k positions of the indexer scores, by radix select.
+
+A row's k-th largest score is found digit by digit (four 8-bit passes over order-preserving integer keys, each a
+histogram of the keys that still match the prefix found so far); one last pass writes the positions of the keys
+above that threshold and as many keys equal to it as k needs. Rows with at most k causal keys take them all.
+Output: int32 [S, k] positions, in no particular order, -1 after the selected ones.
+
+Status: correct (matches torch.topk's set) but slower than torch.topk on the H200, so `topk_positions` uses torch.
+Each row is one program making five passes over the row with unpipelined loads; splitting long rows over several
+programs and compacting candidates after the first pass are the next steps.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+TOPK_BLOCK = 2048
+TOPK_NUM_WARPS = 8
+
+
+@triton.jit
+def _ordered_key(x):
+    """int32 keys whose signed order is the float order: flip the magnitude bits of negative floats."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _radix_topk_kernel(
+    scores_ptr,
+    query_pos_ptr,
+    out_ptr,
+    stride_s,
+    stride_o,
+    num_cols,
+    k,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    n_valid = tl.minimum(tl.load(query_pos_ptr + row) + 1, num_cols)
+    row_ptr = scores_ptr + row.to(tl.int64) * stride_s
+    out_row = out_ptr + row.to(tl.int64) * stride_o
+    offs = tl.arange(0, BLOCK)
+
+    if n_valid <= k:
+        # Every causal key is selected; the rest is padding.
+        for start in range(0, k, BLOCK_K):
+            offs_k = start + tl.arange(0, BLOCK_K)
+            tl.store(out_row + offs_k, tl.where(offs_k < n_valid, offs_k, -1), mask=offs_k < k)
+    else:
+        prefix = tl.zeros([], dtype=tl.int32)
+        remaining = k  # how many of the keys matching `prefix` still belong to the top k
+        bins = tl.arange(0, 256)
+        for digit_index in tl.static_range(4):
+            shift = 24 - 8 * digit_index
+            hist = tl.zeros([256], dtype=tl.int32)
+            for start in range(0, n_valid, BLOCK):
+                mask = start + offs < n_valid
+                key = _ordered_key(tl.load(row_ptr + start + offs, mask=mask, other=0.0))
+                if digit_index == 0:
+                    digit = (key >> 24) + 128  # the sign byte, biased so 0..255 follows signed order
+                else:
+                    mask = mask & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+                    digit = (key >> shift) & 0xFF
+                hist += tl.histogram(digit, 256, mask=mask)
+            at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
+            chosen = tl.max(tl.where(at_or_above >= remaining, bins, -1), axis=0)
+            remaining -= tl.sum(tl.where(bins == chosen, at_or_above - hist, 0), axis=0)
+            if digit_index == 0:
+                prefix = (chosen - 128) << 24
+            else:
+                prefix = prefix | (chosen << shift)
+
+        # `prefix` is now the k-th largest key: write the keys above it, then `remaining` keys equal to it.
+        first_equal_slot = k - remaining
+        num_above = tl.zeros([], dtype=tl.int32)
+        num_equal = tl.zeros([], dtype=tl.int32)
+        for start in range(0, n_valid, BLOCK):
+            mask = start + offs < n_valid
+            key = _ordered_key(tl.load(row_ptr + start + offs, mask=mask, other=0.0))
+            above = mask & (key > prefix)
+            equal = mask & (key == prefix)
+            above_rank = num_above + tl.cumsum(above.to(tl.int32), axis=0) - 1
+            equal_rank = num_equal + tl.cumsum(equal.to(tl.int32), axis=0) - 1
+            tl.store(out_row + above_rank, start + offs, mask=above)
+            tl.store(out_row + first_equal_slot + equal_rank, start + offs, mask=equal & (equal_rank < remaining))
+            num_above += tl.sum(above.to(tl.int32), axis=0)
+            num_equal += tl.sum(equal.to(tl.int32), axis=0)
+
+
+def topk_positions_triton(
+    scores: torch.Tensor,
+    query_pos: torch.Tensor,
+    k: int,
+    *,
+    block: int = TOPK_BLOCK,
+    num_warps: int = TOPK_NUM_WARPS,
+) -> torch.Tensor:
+    """Top-k positions [S, k] int32 (-1 padded) of fp32 scores [S, T] restricted to t <= query_pos[s]."""
+    assert scores.dtype == torch.float32 and scores.stride(-1) == 1
+    num_rows, num_cols = scores.shape
+    out = torch.empty(num_rows, k, dtype=torch.int32, device=scores.device)
+    if num_rows == 0:
+        return out
+    block_k = min(triton.next_power_of_2(k), 4096)
+    _radix_topk_kernel[(num_rows,)](
+        scores,
+        query_pos,
+        out,
+        scores.stride(0),
+        out.stride(0),
+        num_cols,
+        k,
+        BLOCK=block,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def topk_positions_reference(scores: torch.Tensor, query_pos: torch.Tensor, k: int) -> torch.Tensor:
+    """torch.topk over the causal part of each row; -1 where fewer than k keys exist."""
+    num_rows, num_cols = scores.shape
+    positions = torch.arange(num_cols, device=scores.device)
+    causal = positions[None, :] <= query_pos[:, None].long()
+    masked = torch.where(causal, scores, float("-inf"))
+    if num_cols < k:
+        masked = torch.nn.functional.pad(masked, (0, k - num_cols), value=float("-inf"))
+    index = masked.topk(k, dim=-1).indices
+    n_valid = causal.sum(dim=-1, keepdim=True)
+    # topk puts the -inf padding last only by value; rank by slot so exactly the causal count is kept.
+    ranks = torch.arange(k, device=scores.device)[None, :]
+    return torch.where(ranks < n_valid, index, -1).to(torch.int32)
+
+
+def topk_positions(scores: torch.Tensor, query_pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k positions through torch.topk everywhere: on the H200 (2026-11-29) the radix kernel took 0.36x-0.52x of
+    torch.topk's speed (2048 of 128K and of 1M), so it stays opt-in until it beats torch."""
+    return topk_positions_reference(scores, query_pos, k)

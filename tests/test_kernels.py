@@ -1,0 +1,366 @@
+"""DSA / MLA / MoE kernels against their plain-torch references.
+
+Without CUDA the Triton kernels run in the interpreter (fp32 / fp16 only: it computes bf16 dots wrongly); the
+bf16 and fp8 checks run on the GPU (`-m gpu`). Every check draws fresh random inputs: paged caches with shuffled
+block tables, several sequences of different lengths, positions on block boundaries, -1 padded top-k rows.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # The interpreter is chosen when a kernel is decorated: re-import kernel modules loaded before this switch.
+    os.environ["TRITON_INTERPRET"] = "1"
+    for name in [m for m in sys.modules if m.startswith("glmserve.model.kernels.")]:
+        importlib.reload(sys.modules[name])
+
+from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, topk  # noqa: E402
+from glmserve.model.kernels.paged import gather_rows, query_tiles  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+BLOCK = 64
+BOUNDARY_POSITIONS = [0, 1, 63, 64, 65, 127, 128, 129]
+SMALL_MLA = paged_mla.MlaLaunch(block_h=16, block_n=16, num_warps=4, num_stages=1)
+
+
+def make_block_tables(context_lens: list[int], spare_blocks: int = 3) -> tuple[torch.Tensor, int]:
+    """Block tables [B, max_blocks] int32 over a shuffled pool (-1 padded); returns them and the pool size."""
+    needed = [(n + BLOCK - 1) // BLOCK for n in context_lens]
+    num_blocks = sum(needed) + spare_blocks
+    perm = torch.randperm(num_blocks)
+    tables = torch.full((len(context_lens), max(needed)), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(needed):
+        tables[b, :n] = perm[used : used + n].to(torch.int32)
+        used += n
+    return tables.to(DEVICE), num_blocks
+
+
+def make_queries(positions_per_seq: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (query_seq, query_pos) int32, queries of one sequence contiguous."""
+    seq = [b for b, positions in enumerate(positions_per_seq) for _ in positions]
+    pos = [p for positions in positions_per_seq for p in positions]
+    return torch.tensor(seq, dtype=torch.int32, device=DEVICE), torch.tensor(pos, dtype=torch.int32, device=DEVICE)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_logits_close(out: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+    assert out.shape == ref.shape
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)), "the causal -inf pattern differs"
+    finite = torch.isfinite(ref)
+    assert relative_error(out[finite], ref[finite]) < rtol
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def test_query_tiles_split_sequences_and_long_runs():
+    query_seq = torch.tensor([0, 0, 0, 0, 0, 1, 2, 2, 2], dtype=torch.int32)
+    start, end = query_tiles(query_seq, 2)
+    assert start.tolist() == [0, 2, 4, 5, 6, 8]
+    assert end.tolist() == [2, 4, 5, 6, 8, 9]
+
+
+def test_gather_rows_follows_block_table():
+    pool = torch.randn(5, BLOCK, 3)
+    table = torch.tensor([3, 0, 4], dtype=torch.int32)
+    positions = torch.tensor([0, 63, 64, 130])
+    rows = gather_rows(pool, table, positions)
+    expected = torch.stack([pool[3, 0], pool[3, 63], pool[0, 0], pool[4, 2]])
+    assert torch.equal(rows, expected)
+
+
+# ----------------------------------------------------------------------------------------------- indexer
+
+
+def indexer_case(dtype: torch.dtype, heads: int, dim: int, context_lens: list[int], positions: list[list[int]]):
+    tables, num_blocks = make_block_tables(context_lens)
+    query_seq, query_pos = make_queries(positions)
+    q = torch.randn(query_seq.numel(), heads, dim, device=DEVICE).to(dtype)
+    weights = torch.randn(query_seq.numel(), heads, device=DEVICE) * (heads * dim) ** -0.5
+    keys = torch.randn(num_blocks, BLOCK, dim, device=DEVICE).to(dtype)
+    return q, weights, keys, tables, query_seq, query_pos
+
+
+def test_indexer_reference_matches_formula():
+    q, weights, keys, tables, query_seq, query_pos = indexer_case(torch.float32, 3, 8, [70, 5], [[69, 2], [4]])
+    out = indexer.indexer_logits_reference(q, weights, keys, tables, query_seq, query_pos)
+    for s in range(q.shape[0]):
+        b, pos = int(query_seq[s]), int(query_pos[s])
+        for t in range(out.shape[1]):
+            if t > pos:
+                assert out[s, t] == float("-inf")
+                continue
+            k = keys[tables[b, t // BLOCK], t % BLOCK]
+            expected = sum(float(weights[s, h]) * max(float(q[s, h] @ k), 0.0) for h in range(3))
+            assert out[s, t].item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_indexer_triton_interpreter(dtype):
+    positions = [BOUNDARY_POSITIONS, [5, 6], [150 + i for i in range(20)]]
+    case = indexer_case(dtype, 4, 32, [130, 7, 170], positions)
+    out = indexer.indexer_logits_triton(*case, block_s=16, block_t=32, num_warps=4, num_stages=1)
+    ref = indexer.indexer_logits_reference(*case)
+    assert_logits_close(out, ref, rtol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def fp8_indexer_check(heads: int, dim: int, context_lens: list[int], positions: list[list[int]], **launch) -> None:
+    """The fp8 kernel against the reference on the dequantized inputs (so only the kernel's error is measured)."""
+    q, weights, keys, tables, query_seq, query_pos = indexer_case(torch.float32, heads, dim, context_lens, positions)
+    q8, q_scale = indexer.quantize_fp8_rows(q)
+    k8, k_scale = indexer.quantize_fp8_rows(keys)
+    out = indexer.indexer_logits_fp8_triton(q8, q_scale, weights, k8, k_scale, tables, query_seq, query_pos, **launch)
+    q_deq = q8.float() * q_scale[..., None]
+    k_deq = k8.float() * k_scale[..., None]
+    ref = indexer.indexer_logits_reference(q_deq, weights, k_deq, tables, query_seq, query_pos)
+    # Hopper's fp8 tensor cores accumulate with fewer mantissa bits than fp32.
+    assert_logits_close(out, ref, rtol=2e-3)
+
+
+def test_indexer_fp8_interpreter():
+    fp8_indexer_check(4, 32, [130, 7], [BOUNDARY_POSITIONS, [5]], block_s=16, block_t=32, num_warps=4, num_stages=1)
+
+
+# ----------------------------------------------------------------------------------------------- top-k
+
+
+def assert_same_selection(got: torch.Tensor, scores: torch.Tensor, query_pos: torch.Tensor, k: int) -> None:
+    """Same count of valid picks and the same multiset of picked values as torch.topk (ties may differ)."""
+    ref = topk.topk_positions_reference(scores, query_pos, k)
+    assert got.shape == ref.shape and got.dtype == torch.int32
+    for s in range(scores.shape[0]):
+        picked, expected = got[s][got[s] >= 0].long(), ref[s][ref[s] >= 0].long()
+        assert picked.numel() == expected.numel() == min(k, int(query_pos[s]) + 1)
+        assert (got[s][picked.numel() :] == -1).all(), "padding must follow the picks"
+        assert picked.unique().numel() == picked.numel() and int(picked.max()) <= int(query_pos[s])
+        assert torch.equal(scores[s, picked].sort().values, scores[s, expected].sort().values)
+
+
+def test_topk_interpreter_distinct_scores():
+    k, cols = 64, 700
+    query_pos = torch.tensor([0, 10, 63, 64, 65, 300, 699, 699], dtype=torch.int32, device=DEVICE)
+    scores = torch.randn(query_pos.numel(), cols, device=DEVICE)
+    scores[-1] = -scores[-1].abs() - 1.0  # all negative: exercises the sign byte
+    got = topk.topk_positions_triton(scores, query_pos, k, block=128, num_warps=4)
+    assert_same_selection(got, scores, query_pos, k)
+    # Distinct scores: the positions themselves must match torch.topk.
+    ref = topk.topk_positions_reference(scores, query_pos, k)
+    assert torch.equal(got.sort(dim=-1).values, ref.sort(dim=-1).values)
+
+
+def test_topk_interpreter_ties():
+    k, cols = 32, 400
+    query_pos = torch.tensor([399, 250, 40], dtype=torch.int32, device=DEVICE)
+    scores = torch.randint(-4, 5, (3, cols), device=DEVICE).float() * 0.5  # many equal values
+    got = topk.topk_positions_triton(scores, query_pos, k, block=64, num_warps=4)
+    assert_same_selection(got, scores, query_pos, k)
+
+
+def test_indexer_topk_chunks_match_one_pass():
+    positions = [[100, 129, 200, 255], [3, 64]]
+    case = indexer_case(torch.float32, 2, 16, [256, 65], positions)
+    _, _, _, _, _, query_pos = case
+    chunked = dsa_select.indexer_topk(*case, topk=48, max_logits_bytes=2 * 4 * 256)  # two queries per chunk
+    scores = indexer.indexer_logits_reference(*case)
+    assert_same_selection(chunked, scores, query_pos, 48)
+
+
+# ----------------------------------------------------------------------------------------------- MLA
+
+
+def mla_case(dtype, heads, value_dim, rope_dim, context_lens, positions, topk_width=None):
+    tables, num_blocks = make_block_tables(context_lens)
+    query_seq, query_pos = make_queries(positions)
+    width = value_dim + rope_dim
+    q = torch.randn(query_seq.numel(), heads, width, device=DEVICE).to(dtype)
+    latent = torch.randn(num_blocks, BLOCK, width, device=DEVICE).to(dtype)
+    topk_idx = None
+    if topk_width is not None:
+        # Random distinct causal positions per query, -1 where the context is short, shuffled so padding and
+        # picks interleave.
+        rows = []
+        for pos in query_pos.tolist():
+            picks = torch.randperm(pos + 1)[:topk_width]
+            row = torch.cat([picks, torch.full((topk_width - picks.numel(),), -1)])
+            rows.append(row[torch.randperm(topk_width)])
+        topk_idx = torch.stack(rows).to(torch.int32).to(DEVICE)
+    return q, latent, tables, query_seq, query_pos, width**-0.5, value_dim, topk_idx
+
+
+def mla_naive(q, latent, tables, query_seq, query_pos, scale, value_dim, topk_idx):
+    """One query and head at a time, straight from the definition."""
+    o = torch.zeros(q.shape[0], q.shape[1], value_dim, dtype=torch.float64)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float64)
+    for s in range(q.shape[0]):
+        pos = int(query_pos[s])
+        keys = list(range(pos + 1)) if topk_idx is None else [int(t) for t in topk_idx[s] if t >= 0]
+        if not keys:
+            continue
+        rows = gather_rows(latent, tables[int(query_seq[s])], torch.tensor(keys, device=latent.device))
+        rows = rows.double().cpu()
+        scores = q[s].double().cpu() @ rows.T * scale
+        lse[s] = torch.logsumexp(scores, dim=-1)
+        o[s] = torch.softmax(scores, dim=-1) @ rows[:, :value_dim]
+    return o, lse
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_mla_reference_matches_naive(sparse):
+    case = mla_case(torch.float32, 3, 16, 8, [140, 20], [[63, 64, 139], [0, 19]], topk_width=24 if sparse else None)
+    o, lse = paged_mla.mla_attention_reference(*case, query_chunk=2)
+    o_naive, lse_naive = mla_naive(*case)
+    assert torch.allclose(o.double().cpu(), o_naive, atol=1e-5)
+    assert torch.allclose(lse.double().cpu(), lse_naive, atol=1e-5)
+
+
+def assert_mla_close(got, ref, rtol):
+    (o, lse), (o_ref, lse_ref) = got, ref
+    assert o.shape == o_ref.shape and o.dtype == o_ref.dtype
+    assert torch.isfinite(o).all()
+    assert relative_error(o, o_ref) < rtol
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    finite = torch.isfinite(lse_ref)
+    assert torch.allclose(lse[finite], lse_ref[finite], atol=rtol, rtol=rtol)
+
+
+MLA_POSITIONS = [BOUNDARY_POSITIONS, [30], [190, 191]]
+MLA_LENS = [130, 31, 192]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_mla_prefill_interpreter(dtype, sparse):
+    case = mla_case(dtype, 4, 64, 16, MLA_LENS, MLA_POSITIONS, topk_width=40 if sparse else None)
+    got = paged_mla.mla_prefill_triton(*case, launch=SMALL_MLA)
+    assert_mla_close(got, paged_mla.mla_attention_reference(*case), 1e-4 if dtype == torch.float32 else 3e-3)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_mla_decode_interpreter(sparse):
+    case = mla_case(torch.float32, 4, 64, 16, MLA_LENS, MLA_POSITIONS, topk_width=40 if sparse else None)
+    got = paged_mla.mla_decode_triton(*case, num_splits=3, launch=SMALL_MLA)
+    assert_mla_close(got, paged_mla.mla_attention_reference(*case), 1e-4)
+
+
+def test_mla_query_without_keys_gives_zero():
+    case = list(mla_case(torch.float32, 2, 16, 16, [10], [[5, 9]], topk_width=8))
+    case[-1][0] = -1  # the first query selected nothing
+    for fn in (paged_mla.mla_prefill_triton, paged_mla.mla_decode_triton):
+        o, lse = fn(*case, launch=SMALL_MLA)
+        assert (o[0] == 0).all() and torch.isinf(lse[0]).all() and torch.isfinite(lse[1]).all()
+
+
+# ----------------------------------------------------------------------------------------------- MoE
+
+
+def moe_case(dtype, tokens, hidden, inter, experts, k):
+    x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
+    topk_ids = torch.stack([torch.randperm(experts)[:k] for _ in range(tokens)]).to(DEVICE)
+    topk_weights = torch.rand(tokens, k, device=DEVICE)
+    w_gate_up = (torch.randn(experts, 2 * inter, hidden, device=DEVICE) * hidden**-0.5).to(dtype)
+    w_down = (torch.randn(experts, hidden, inter, device=DEVICE) * inter**-0.5).to(dtype)
+    return x, topk_ids, topk_weights, w_gate_up, w_down
+
+
+def test_route_tokens_tiles_every_row_once():
+    topk_ids = torch.tensor([[2, 0], [2, 3], [0, 2], [2, 1]])
+    routing = moe.route_tokens(topk_ids, num_experts=5, block_m=2)
+    flat = topk_ids.flatten()
+    assert routing.counts.tolist() == [2, 1, 4, 1, 0]
+    assert (flat[routing.order].diff() >= 0).all()
+    covered = []
+    for e, start, end in zip(routing.tile_expert.tolist(), routing.tile_row_start.tolist(),
+                             routing.tile_row_end.tolist(), strict=True):  # fmt: skip
+        if e < 0:
+            continue
+        rows = list(range(start, min(start + 2, end)))
+        assert all(int(flat[routing.order[r]]) == e for r in rows)
+        covered += rows
+    assert sorted(covered) == list(range(8))
+
+
+def test_moe_triton_interpreter():
+    case = moe_case(torch.float32, 11, 64, 32, 6, 2)
+    launch = moe.MoeLaunch(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
+    got = moe.moe_experts_triton(*case, launch=launch)
+    assert relative_error(got, moe.moe_experts_reference(*case)) < 1e-5
+
+
+def test_moe_grouped_mm_with_empty_experts():
+    if not moe.has_grouped_mm():
+        pytest.skip("torch._grouped_mm is missing")
+    case = moe_case(torch.float32, 9, 32, 16, 8, 2)
+    got = moe.moe_experts_grouped_mm(*case)
+    assert relative_error(got, moe.moe_experts_reference(*case)) < 1e-5
+
+
+def test_moe_reference_matches_dense_loop():
+    x, topk_ids, topk_weights, w_gate_up, w_down = moe_case(torch.float32, 5, 8, 4, 3, 2)
+    out = moe.moe_experts_reference(x, topk_ids, topk_weights, w_gate_up, w_down)
+    for n in range(5):
+        expected = torch.zeros(8)
+        for j in range(2):
+            e = int(topk_ids[n, j])
+            gate, up = (w_gate_up[e] @ x[n]).split(4)
+            expected += topk_weights[n, j] * (w_down[e] @ (torch.nn.functional.silu(gate) * up))
+        assert torch.allclose(out[n], expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- GPU (bf16, fp8)
+
+
+@gpu
+@pytest.mark.gpu
+def test_indexer_bf16_gpu():
+    positions = [BOUNDARY_POSITIONS + list(range(2900, 3000)), list(range(0, 700, 7)), [4095]]
+    case = indexer_case(torch.bfloat16, 32, 128, [3000, 700, 4096], positions)
+    out = indexer.indexer_logits_triton(*case)
+    assert_logits_close(out, indexer.indexer_logits_reference(*case), rtol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+def test_indexer_fp8_gpu():
+    fp8_indexer_check(32, 128, [2000, 512], [BOUNDARY_POSITIONS + list(range(1900, 2000)), [511]])
+
+
+@gpu
+@pytest.mark.gpu
+def test_topk_gpu():
+    k = 2048
+    query_pos = torch.tensor([0, 2047, 2048, 5000, 70000, 99999], dtype=torch.int32, device=DEVICE)
+    scores = torch.randn(query_pos.numel(), 100000, device=DEVICE)
+    got = topk.topk_positions_triton(scores, query_pos, k)
+    assert_same_selection(got, scores, query_pos, k)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("kernel", ["prefill", "decode"])
+def test_mla_bf16_gpu(sparse, kernel):
+    positions = [BOUNDARY_POSITIONS + [1000, 2999], [2047, 2048], [100]]
+    case = mla_case(torch.bfloat16, 64, 512, 64, [3000, 2049, 101], positions, topk_width=2048 if sparse else None)
+    fn = paged_mla.mla_prefill_triton if kernel == "prefill" else paged_mla.mla_decode_triton
+    assert_mla_close(fn(*case), paged_mla.mla_attention_reference(*case), 1e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [3, 300])
+def test_moe_bf16_gpu(tokens):
+    case = moe_case(torch.bfloat16, tokens, 1024, 512, 16, 4)
+    ref = moe.moe_experts_reference(*case)
+    assert relative_error(moe.moe_experts_triton(*case), ref) < 1e-2
+    if moe.has_grouped_mm():
+        assert relative_error(moe.moe_experts_grouped_mm(*case), ref) < 1e-2
