@@ -26,6 +26,12 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from glmserve.cluster.serve_command import run_serve
+
+    return run_serve(args)
+
+
 def _bench_scheduler(args: argparse.Namespace) -> int:
     from glmserve.decode.bench_scheduler import run_bench_scheduler
 
@@ -43,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="checkpoint directory (default: the embedded glm5-tiny)")
     src.add_argument("--config", help="a config.json file")
     info.set_defaults(func=_info)
+
+    from glmserve.cluster.serve_command import add_serve_args
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve (default: glm5-tiny on CPU)")
+    add_serve_args(serve)
+    serve.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: each prints a table and writes JSON").add_subparsers(
         dest="bench", required=True

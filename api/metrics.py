@@ -1,0 +1,76 @@
+"""Prometheus metrics, named as vLLM names them so dashboards carry over.
+
+Latencies are measured where users feel them, at the router. Engine-side gauges and counters (running, waiting,
+KV use, prefix cache, KV transfer) are reported by each worker replica and exported here with a `replica` label.
+"""
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+PREFIX = "glmserve:"
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+
+# worker stat key -> (metric name, kind, help)
+WORKER_METRICS = {
+    "num_requests_running": ("num_requests_running", "gauge", "Requests in the running batch"),
+    "num_requests_waiting": ("num_requests_waiting", "gauge", "Requests waiting to be scheduled"),
+    "kv_cache_usage": ("kv_cache_usage_perc", "gauge", "Fraction of KV blocks in use (0-1)"),
+    "prefix_cache_queries": ("prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache"),
+    "prefix_cache_hits": ("prefix_cache_hits", "counter", "Prompt tokens served from the prefix cache"),
+    "kv_transfer_bytes": ("kv_transfer_bytes", "counter", "Bytes of KV cache received over the transfer service"),
+    "kv_transfer_seconds": ("kv_transfer_seconds", "counter", "Seconds spent in KV transfers"),
+    "kv_transfer_failures": ("kv_transfer_failures", "counter", "KV transfers that failed (lease, abort, peer lost)"),
+    "num_preemptions": ("num_preemptions", "counter", "Sequences preempted for lack of KV blocks"),
+}
+
+
+class _WorkerStats:
+    """A collector exporting the latest stats each worker replica reported."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Mapping[str, float]] = {}
+
+    def collect(self):
+        for key, (name, kind, help_text) in WORKER_METRICS.items():
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                PREFIX + name, help_text, labels=["replica", "role"]
+            )
+            for replica, stats in sorted(self.latest.items()):
+                if key in stats:
+                    family.add_metric([replica, str(stats.get("role", ""))], float(stats[key]))
+            yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between streamed tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Request latency, arrival to last token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            PREFIX + "request_success", "Finished requests by reason", ["finished_reason"], registry=self.registry
+        )
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens", registry=self.registry)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens", registry=self.registry)
+        self.workers = _WorkerStats()
+        self.registry.register(self.workers)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

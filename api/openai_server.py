@@ -1,0 +1,393 @@
+"""The OpenAI-compatible endpoints: validate, apply the chat template, tokenize, stream from a decode worker,
+and shape the result (reasoning split, tool calls, logprobs, usage) as OpenAI and Z.AI clients expect."""
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from pydantic import ValidationError
+
+from glmserve.decode.outputs import CompletionDelta, RequestOutput
+from glmserve.decode.request import EngineRequest
+from glmserve.decode.validation import InvalidRequest, validate_request
+from glmserve.model.chat_template import ChatTemplateError
+from glmserve.model.sampling_params import SamplingParams
+from glmserve.model.tokenizer import Tokenizer
+
+from .chat_assembler import ChoiceAssembler, chat_logprobs, finish_reason
+from .errors import APIError, InvalidRequestError, ModelNotFoundError, from_validation_error
+from .metrics import Metrics
+from .request_models import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from .response_models import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionLogprobs,
+    FunctionCall,
+    ModelCard,
+    ModelList,
+    ToolCall,
+    Usage,
+    random_id,
+)
+from .sse import SSE_DONE, sse_event
+
+log = logging.getLogger(__name__)
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default for /v1/completions
+
+
+class EngineClient(Protocol):
+    """Where requests go: a decode deployment handle, or an in-process engine."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]: ...
+
+
+class _Timer:
+    """TTFT, inter-token latency and end-to-end latency of one request, into the metrics."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.start = self.last = time.perf_counter()
+        self.first = True
+
+    def tokens(self, n: int) -> None:
+        if n == 0:
+            return
+        now = time.perf_counter()
+        if self.first:
+            self.metrics.ttft.observe(now - self.start)
+            self.first = False
+        else:
+            for _ in range(n):  # several tokens in one step (speculative decoding) share the gap
+                self.metrics.itl.observe((now - self.last) / n)
+        self.last = now
+
+    def done(self, reasons: list[str | None], prompt_tokens: int, completion_tokens: int) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.start)
+        for reason in reasons:
+            self.metrics.requests.labels(finished_reason=reason or "abort").inc()
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.generation_tokens.inc(completion_tokens)
+
+
+class OpenAIServer:
+    def __init__(
+        self,
+        client: EngineClient,
+        tokenizer: Tokenizer,
+        model_name: str,
+        max_model_len: int,
+        vocab_size: int,
+        metrics: Metrics | None = None,
+    ):
+        self.client = client
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.metrics = metrics or Metrics()
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len)])
+
+    # ---- shared steps ----
+    @staticmethod
+    def _parse(model: type[GenerationRequest], raw: bytes) -> GenerationRequest:
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as e:
+            if any(err["type"] == "json_invalid" for err in e.errors()):
+                raise InvalidRequestError(f"the body is not valid JSON: {e.errors()[0]['msg']}") from None
+            raise from_validation_error(e) from None
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ModelNotFoundError(model)
+
+    def _params(self, req: GenerationRequest, ids: list[int], default_max_tokens: int) -> SamplingParams:
+        try:
+            params = SamplingParams(**req.sampling_params(default_max_tokens=max(1, default_max_tokens)))
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        try:
+            validate_request(ids, params, self.vocab_size, self.max_model_len)
+        except InvalidRequest as e:
+            raise InvalidRequestError(str(e), param=e.param) from None
+        return params
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """The worker's outputs. The first is awaited before returning, so a request the worker refuses becomes a
+        4xx response rather than an error inside a stream that already said 200."""
+        outputs = self._outputs(request)
+        first = await anext(outputs)
+
+        async def chained() -> AsyncIterator[RequestOutput]:
+            yield first
+            async for out in outputs:
+                yield out
+
+        return chained()
+
+    async def _outputs(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in self.client.generate(request):
+                yield out
+        except InvalidRequest as e:
+            raise InvalidRequestError(str(e), param=e.param) from None
+
+    # ---- /v1/chat/completions ----
+    async def chat(self, raw: bytes) -> ChatCompletion | AsyncIterator[str]:
+        req = self._parse(ChatCompletionRequest, raw)
+        self._check_model(req.model)
+        kwargs = req.template_kwargs()
+        try:
+            prompt = self.tokenizer.apply_chat_template(**kwargs)
+        except ChatTemplateError as e:
+            raise InvalidRequestError(str(e), param="messages") from None
+        ids = self.tokenizer.encode(prompt)
+        params = self._params(req, ids, self.max_model_len - len(ids))
+        request_id = req.request_id or random_id("chatcmpl")
+        engine_request = EngineRequest(request_id=request_id, prompt_token_ids=ids, params=params)
+        assemblers = [
+            ChoiceAssembler(prompt.endswith("<think>"), kwargs["tools"], req.tool_stream) for _ in range(params.n)
+        ]
+        top = req.top_logprobs or 0
+        stream = await self._stream(engine_request)
+        if req.stream:
+            return self._chat_stream(req, engine_request, stream, assemblers, top)
+        return await self._chat_full(engine_request, stream, assemblers, top)
+
+    async def _chat_full(
+        self, request: EngineRequest, stream: AsyncIterator[RequestOutput], assemblers: list[ChoiceAssembler], top: int
+    ) -> ChatCompletion:
+        timer = _Timer(self.metrics)
+        logprobs = [[] for _ in assemblers]
+        tokens = [[] for _ in assemblers]
+        reasons: list[str | None] = [None] * len(assemblers)
+        last = None
+        async for out in stream:
+            last = out
+            for d in out.deltas:
+                timer.tokens(len(d.token_ids))
+                assemblers[d.index].feed(d.text)
+                tokens[d.index] += d.token_ids
+                if d.logprobs is not None:
+                    logprobs[d.index] += chat_logprobs(d.token_ids, d.logprobs, top)
+                reasons[d.index] = d.finish_reason or reasons[d.index]
+        choices = []
+        for i, a in enumerate(assemblers):
+            a.finish()
+            calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in a.tool_calls]
+            message = ChatResponseMessage(
+                content=a.content or (None if calls else ""),
+                reasoning_content=a.reasoning or None,
+                tool_calls=calls or None,
+            )
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=ChatLogprobs(content=logprobs[i]) if request.params.logprobs is not None else None,
+                    finish_reason=finish_reason(reasons[i], a),
+                )
+            )
+        usage = self._usage(last, sum(map(len, tokens)))
+        timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
+        return ChatCompletion(id=request.request_id, model=self.model_name, choices=choices, usage=usage)
+
+    async def _chat_stream(
+        self,
+        req: ChatCompletionRequest,
+        request: EngineRequest,
+        stream: AsyncIterator[RequestOutput],
+        assemblers: list[ChoiceAssembler],
+        top: int,
+    ) -> AsyncIterator[str]:
+        timer = _Timer(self.metrics)
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return sse_event(
+                ChatCompletionChunk(id=request.request_id, model=self.model_name, choices=choices, usage=usage)
+            )
+
+        completion_tokens = 0
+        reasons: list[str | None] = [None] * len(assemblers)
+        last = None
+        try:
+            yield chunk(
+                [
+                    ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                    for i in range(len(assemblers))
+                ]
+            )
+            async for out in stream:
+                last = out
+                choices = []
+                for d in out.deltas:
+                    timer.tokens(len(d.token_ids))
+                    completion_tokens += len(d.token_ids)
+                    a = assemblers[d.index]
+                    delta = a.feed(d.text)
+                    if d.finish_reason is not None:
+                        delta = _merge(delta, a.finish())
+                        reasons[d.index] = d.finish_reason
+                    lp = chat_logprobs(d.token_ids, d.logprobs, top) if d.logprobs is not None else None
+                    if _has_content(delta) or lp or d.finish_reason is not None:
+                        choices.append(
+                            ChatChunkChoice(
+                                index=d.index,
+                                delta=delta,
+                                logprobs=ChatLogprobs(content=lp) if lp else None,
+                                finish_reason=finish_reason(d.finish_reason, a),
+                            )
+                        )
+                if choices:
+                    yield chunk(choices)
+            usage = self._usage(last, completion_tokens)
+            if req.include_usage:
+                yield chunk([], usage)
+            timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
+        except APIError as e:
+            yield sse_event(e.body())
+        yield SSE_DONE
+
+    @staticmethod
+    def _usage(last: RequestOutput | None, completion_tokens: int) -> Usage:
+        if last is None:
+            return Usage.from_counts(0, completion_tokens)
+        return Usage.from_counts(last.num_prompt_tokens, completion_tokens, cached_tokens=last.num_cached_tokens)
+
+    # ---- /v1/completions ----
+    async def completions(self, raw: bytes) -> Completion | AsyncIterator[str]:
+        req = self._parse(CompletionRequest, raw)
+        self._check_model(req.model)
+        prompts = req.prompts()
+        if len(prompts) != 1:
+            raise InvalidRequestError(
+                "one prompt per request is supported; send a list as separate requests", param="prompt"
+            )
+        prompt = prompts[0]
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        params = self._params(req, ids, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        request = EngineRequest(request_id=req.request_id or random_id("cmpl"), prompt_token_ids=ids, params=params)
+        echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+        echo = echo if req.echo else ""
+        stream = await self._stream(request)
+        if req.stream:
+            return self._completion_stream(req, request, stream, echo)
+        return await self._completion_full(request, stream, echo)
+
+    def _completion_logprobs(self, d: CompletionDelta, offset: int) -> CompletionLogprobs | None:
+        if d.logprobs is None:
+            return None
+        lp = CompletionLogprobs()
+        for token, entry in zip(d.token_ids, d.logprobs, strict=True):
+            text = entry[token].decoded_token or ""
+            lp.tokens.append(text)
+            lp.token_logprobs.append(entry[token].logprob)
+            lp.top_logprobs.append({(e.decoded_token or ""): e.logprob for e in entry.values()})
+            lp.text_offset.append(offset)
+            offset += len(text)
+        return lp
+
+    async def _completion_full(
+        self, request: EngineRequest, stream: AsyncIterator[RequestOutput], echo: str
+    ) -> Completion:
+        timer = _Timer(self.metrics)
+        n = request.params.n
+        texts, reasons, logprobs = [echo] * n, [None] * n, [None] * n
+        completion_tokens, last = 0, None
+        async for out in stream:
+            last = out
+            for d in out.deltas:
+                timer.tokens(len(d.token_ids))
+                completion_tokens += len(d.token_ids)
+                lp = self._completion_logprobs(d, len(texts[d.index]))
+                if lp is not None:
+                    logprobs[d.index] = _extend(logprobs[d.index], lp)
+                texts[d.index] += d.text
+                reasons[d.index] = d.finish_reason or reasons[d.index]
+        usage = self._usage(last, completion_tokens)
+        timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
+        choices = [
+            CompletionChoice(index=i, text=texts[i], logprobs=logprobs[i], finish_reason=_plain_reason(reasons[i]))
+            for i in range(n)
+        ]
+        return Completion(id=request.request_id, model=self.model_name, choices=choices, usage=usage)
+
+    async def _completion_stream(
+        self, req: CompletionRequest, request: EngineRequest, stream: AsyncIterator[RequestOutput], echo: str
+    ) -> AsyncIterator[str]:
+        timer = _Timer(self.metrics)
+        n = request.params.n
+        offsets = [len(echo)] * n
+        reasons: list[str | None] = [None] * n
+        completion_tokens, last = 0, None
+
+        def chunk(choices: list[CompletionChunkChoice], usage: Usage | None = None) -> str:
+            return sse_event(
+                CompletionChunk(id=request.request_id, model=self.model_name, choices=choices, usage=usage)
+            )
+
+        try:
+            if echo:
+                yield chunk([CompletionChunkChoice(index=i, text=echo) for i in range(n)])
+            async for out in stream:
+                last = out
+                choices = []
+                for d in out.deltas:
+                    timer.tokens(len(d.token_ids))
+                    completion_tokens += len(d.token_ids)
+                    lp = self._completion_logprobs(d, offsets[d.index])
+                    offsets[d.index] += len(d.text)
+                    reasons[d.index] = d.finish_reason or reasons[d.index]
+                    if d.text or lp or d.finish_reason is not None:
+                        choices.append(
+                            CompletionChunkChoice(
+                                index=d.index, text=d.text, logprobs=lp, finish_reason=_plain_reason(d.finish_reason)
+                            )
+                        )
+                if choices:
+                    yield chunk(choices)
+            usage = self._usage(last, completion_tokens)
+            if req.include_usage:
+                yield chunk([], usage)
+            timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
+        except APIError as e:
+            yield sse_event(e.body())
+        yield SSE_DONE
+
+
+def _plain_reason(reason: str | None) -> str | None:
+    return "stop" if reason == "abort" else reason
+
+
+def _has_content(delta: ChatDelta) -> bool:
+    return bool(delta.content or delta.reasoning_content or delta.tool_calls)
+
+
+def _merge(a: ChatDelta, b: ChatDelta) -> ChatDelta:
+    return ChatDelta(
+        content=((a.content or "") + (b.content or "")) or None,
+        reasoning_content=((a.reasoning_content or "") + (b.reasoning_content or "")) or None,
+        tool_calls=((a.tool_calls or []) + (b.tool_calls or [])) or None,
+    )
+
+
+def _extend(acc: CompletionLogprobs | None, more: CompletionLogprobs) -> CompletionLogprobs:
+    if acc is None:
+        return more
+    acc.tokens += more.tokens
+    acc.token_logprobs += more.token_logprobs
+    acc.top_logprobs += more.top_logprobs
+    acc.text_offset += more.text_offset
+    return acc

@@ -1,0 +1,29 @@
+"""A small Ray actor where worker replicas post their latest stats; the router's /metrics reads them all.
+
+Ray Serve has no way to ask every replica of a deployment, so replicas push (about once a second) instead.
+"""
+
+import time
+
+import ray
+
+NAME = "glmserve-stats"
+STALE_S = 30.0  # a replica that stopped reporting (scaled down, dead) is dropped after this
+
+
+@ray.remote(num_cpus=0)
+class StatsBoard:
+    def __init__(self) -> None:
+        self._latest: dict[str, tuple[float, dict[str, float]]] = {}
+
+    def post(self, replica: str, stats: dict[str, float]) -> None:
+        self._latest[replica] = (time.monotonic(), stats)
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        now = time.monotonic()
+        self._latest = {r: v for r, v in self._latest.items() if now - v[0] < STALE_S}
+        return {r: stats for r, (_, stats) in self._latest.items()}
+
+
+def get_or_create() -> "ray.actor.ActorHandle":
+    return StatsBoard.options(name=NAME, get_if_exists=True, namespace="glmserve").remote()
