@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from glmserve.api.reasoning_parser import ReasoningStreamParser, split_reasoning
 from glmserve.api.tool_parser import ToolCallStreamParser, parse_tool_calls
 

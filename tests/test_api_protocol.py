@@ -5,6 +5,8 @@ import math
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from glmserve.api.errors import (
     APIError,
     AuthenticationError,
@@ -39,7 +41,6 @@ from glmserve.api.response_models import (
 )
 from glmserve.api.response_models import ToolCall as ResponseToolCall
 from glmserve.api.sse import SSE_DONE, sse_event
-from pydantic import ValidationError
 
 openai = pytest.importorskip("openai")
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from glmserve.model.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from glmserve.model.tokenizer import Tokenizer
 

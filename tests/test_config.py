@@ -1,6 +1,7 @@
 import json
 
 import pytest
+
 from glmserve.model.config import ConfigError, GlmConfig
 from glmserve.model.size import model_size
 

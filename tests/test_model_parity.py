@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from glmserve.model import load_model
 from hf_models import make_hf_model
+
+from glmserve.model import load_model
 
 CASES = {
     # sparsity active (T >> topk), freq 2 / offset 1, group-limited routing, batch 2

@@ -3,6 +3,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from glmserve.model import train_tokenizer
 from glmserve.model.detokenizer import IncrementalDetokenizer
 from glmserve.model.tokenizer import Tokenizer

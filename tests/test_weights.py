@@ -2,10 +2,11 @@ import json
 
 import pytest
 import torch
-from glmserve.model import CheckpointError, load_model
-from glmserve.model.fp8 import dequantize_fp8_blockwise, quantize_fp8_blockwise
 from hf_models import make_hf_model
 from safetensors.torch import load_file, save_file
+
+from glmserve.model import CheckpointError, load_model
+from glmserve.model.fp8 import dequantize_fp8_blockwise, quantize_fp8_blockwise
 
 
 @pytest.fixture(scope="module")
