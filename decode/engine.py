@@ -7,6 +7,7 @@ drive it.
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from glmserve.model.detokenizer import IncrementalDetokenizer
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache, gpu_kv_budget, num_blocks_for_budget
 from glmserve.model.loader import load_model, resolve_dtype
 from glmserve.model.model_runner import ModelRunner, SeqChunk
-from glmserve.model.sampler import Sampler, SamplerOutput, SamplingBatch
+from glmserve.model.sampler import Sampler, SamplerOutput, SamplingBatch, draw_skip
 from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.stop_checker import StopChecker
 from glmserve.model.tokenizer import Tokenizer
@@ -30,6 +31,16 @@ from .validation import InvalidRequest, validate_request
 log = logging.getLogger(__name__)
 
 CPU_KV_BUDGET = 256 << 20
+
+
+@dataclass
+class RemotePrefill:
+    """Which reserved blocks a prefill worker must fill: tokens [start_token, start_token + num_tokens)."""
+
+    request_id: str
+    dst_block_ids: list[int]
+    start_token: int
+    num_tokens: int
 
 
 @dataclass(eq=False)
@@ -105,10 +116,23 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._requests: dict[str, _Request] = {}
         self._tracks: dict[Sequence, _Track] = {}
+        # Gets (request id, final hidden state) of every sampled position; prefill workers send it on for MTP.
+        self.hidden_hook: Callable[[str, torch.Tensor], None] | None = None
 
     # ---- requests ----
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        """Queue a request. Bad input raises InvalidRequest naming the field; nothing else is affected."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        remote_prefill_min_tokens: int | None = None,
+    ) -> RemotePrefill | None:
+        """Queue a request. Bad input raises InvalidRequest naming the field; nothing else is affected.
+
+        With `remote_prefill_min_tokens`, a prompt with at least that many uncached tokens is not queued: its blocks
+        are reserved and the returned plan says which of them a prefill worker must fill (`complete_remote` or
+        `fail_remote` follows).
+        """
         params = params or SamplingParams()
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already running", "request_id")
@@ -130,8 +154,48 @@ class LLMEngine:
             self._tracks[seq] = track
         request = _Request(request_id, tracks, prompt if isinstance(prompt, str) else None)
         self._requests[request_id] = request
+        if remote_prefill_min_tokens is not None and params.n == 1:
+            plan = self._reserve_remote(tracks[0].seq, remote_prefill_min_tokens)
+            if plan is not None:
+                return plan
         for track in tracks:
             self.scheduler.add(track.seq)
+        return None
+
+    # ---- disaggregated prefill ----
+    def _reserve_remote(self, seq: Sequence, min_tokens: int) -> RemotePrefill | None:
+        if seq.num_tokens - self.scheduler.cached_prefix_tokens(seq) < min_tokens:
+            return None  # short enough to prefill here
+        if not self.scheduler.reserve_remote(seq):
+            return None  # no room for the whole prompt now: queue it here, the scheduler will make room
+        first = seq.num_computed_tokens // self.block_manager.block_size
+        return RemotePrefill(
+            seq.request_id.rpartition("#")[0],
+            seq.block_table[first:],
+            seq.num_computed_tokens,
+            seq.num_tokens - seq.num_computed_tokens,
+        )
+
+    def complete_remote(self, request_id: str, first_token: int, logprob: dict[int, Logprob] | None) -> RequestOutput:
+        """The prefill worker filled the reserved blocks and sampled the first token: decode from here."""
+        request = self._requests[request_id]
+        track = request.tracks[0]
+        self.scheduler.resume_remote(track.seq)
+        if track.seq.generator is not None:
+            draw_skip(track.seq.generator, self.config.vocab_size)  # the prefill worker made this request's 1st draw
+        self._append(track, first_token, logprob if track.logprobs is not None else None)
+        return self._emit(request)
+
+    def fail_remote(self, request_id: str, recompute: bool) -> None:
+        """The remote prefill failed. Recompute here (blocks freed, queued first) or end the request."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        seq = request.tracks[0].seq
+        if recompute:
+            self.scheduler.requeue(seq)
+        else:
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -153,7 +217,7 @@ class LLMEngine:
         for seq, n in plan.scheduled:
             start = seq.num_computed_tokens - n
             done = seq.num_computed_tokens == seq.num_tokens
-            chunks.append(SeqChunk(seq.token_ids[start : start + n], start, seq.block_table, need_logits=done))
+            chunks.append(SeqChunk(seq.token_ids[start : start + n], start, seq.block_table, done, seq.request_id))
             if done:
                 ready.append(seq)
         result = self.runner.forward(chunks)
@@ -169,6 +233,9 @@ class LLMEngine:
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
         )
         sampled = self.sampler.sample(result.logits, batch)
+        if self.hidden_hook is not None:
+            for i, seq in enumerate(ready):
+                self.hidden_hook(seq.request_id.rpartition("#")[0], result.hidden[i])
         advanced: dict[str, _Request] = {}
         for i, seq in enumerate(ready):
             k = seq.params.logprobs

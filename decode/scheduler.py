@@ -91,9 +91,17 @@ class Scheduler:
         seq.block_table.extend(self.blocks.allocate(need))
         return True
 
+    def cached_prefix_tokens(self, seq: Sequence) -> int:
+        """Tokens of `seq` the prefix cache would serve now (a look, not a claim)."""
+        return len(self.blocks.match_prefix(self._cacheable(seq), record=False)) * self.block_size
+
+    def _cacheable(self, seq: Sequence) -> list[int]:
+        # Always compute at least the last token: its logits are needed.
+        return prefix_hashes(seq.token_ids[: seq.num_tokens - 1], self.block_size)
+
     def _admit(self, seq: Sequence, budget: int) -> bool:
-        # Reuse cached full blocks, but always compute at least the last token: its logits are needed.
-        cacheable = prefix_hashes(seq.token_ids[: seq.num_tokens - 1], self.block_size)
+        """Take cached prefix blocks and allocate blocks for the next `budget` tokens; False if they do not fit."""
+        cacheable = self._cacheable(seq)
         hit = self.blocks.match_prefix(cacheable)
         n = min(seq.num_tokens - len(hit) * self.block_size, budget)
         need = self.blocks.blocks_needed(len(hit) * self.block_size + n) - len(hit)
@@ -134,12 +142,34 @@ class Scheduler:
             seq.block_hashes.append(h)
             self.blocks.cache_full_block(seq.block_table[k], h)
 
+    def reserve_remote(self, seq: Sequence) -> bool:
+        """Blocks for the whole prompt (cached prefix reused) for a prefill worker to fill; the sequence waits
+        outside the queues until `resume_remote` or `requeue`."""
+        if not self._admit(seq, seq.num_tokens):
+            return False
+        seq.status = Status.REMOTE_PREFILL
+        return True
+
+    def resume_remote(self, seq: Sequence) -> None:
+        """The prompt's KV has landed: the sequence joins the running batch."""
+        seq.num_computed_tokens = seq.num_tokens
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self.publish_full_blocks(seq)
+
+    def requeue(self, seq: Sequence) -> None:
+        """A remote prefill failed: free what it reserved and prefill here instead, first in line."""
+        self._release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence (done or aborted) and return its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
+        # REMOTE_PREFILL: in no queue; the caller stopped its transfer before freeing the blocks
         self._release(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

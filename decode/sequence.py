@@ -11,6 +11,7 @@ from glmserve.model.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    REMOTE_PREFILL = "remote_prefill"  # blocks reserved; a prefill worker is filling them
     FINISHED = "finished"
 
 

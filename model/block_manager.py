@@ -58,8 +58,9 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, hashes: Sequence[int]) -> list[int]:
-        """Cached blocks holding the longest prefix of these full-block hashes (refs are not taken)."""
+    def match_prefix(self, hashes: Sequence[int], record: bool = True) -> list[int]:
+        """Cached blocks holding the longest prefix of these full-block hashes (refs are not taken). `record`
+        counts the lookup in the hit-rate metrics."""
         found = []
         if self.enable_prefix_caching:
             for h in hashes:
@@ -67,8 +68,9 @@ class BlockManager:
                 if block is None:
                     break
                 found.append(block)
-        self.prefix_queries += len(hashes) * self.block_size
-        self.prefix_hits += len(found) * self.block_size
+        if record:
+            self.prefix_queries += len(hashes) * self.block_size
+            self.prefix_hits += len(found) * self.block_size
         return found
 
     def acquire(self, blocks: Sequence[int]) -> None:

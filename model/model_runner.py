@@ -5,6 +5,7 @@ pick top-k keys per query on full layers (shared layers reuse the pick of the fu
 same step), attend in the absorbed latent space, then the MLP or MoE. Logits are computed only where asked.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ class SeqChunk:
     start_pos: int  # position of token_ids[0]; tokens before it already have KV in the cache
     block_table: list[int]
     need_logits: bool  # sample after the last new token
+    request_id: str = ""  # lets a layer hook tell whose rows were written
 
 
 @dataclass
@@ -39,6 +41,9 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         # kv_b_proj split per head, for absorbed attention.
         self.absorbed = [layer.self_attn.absorbed_weights() for layer in model.model.layers]
+        # Called after each layer's KV is written: (layer, chunks, flat slots of their tokens). Prefill workers
+        # stream finished layers out through it while later layers compute.
+        self.layer_hook: Callable[[int, list[SeqChunk], torch.Tensor], None] | None = None
 
     def _batch(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, PagedBatch, torch.Tensor, torch.Tensor]:
         bs = self.cache.spec.block_size
@@ -77,6 +82,8 @@ class ModelRunner:
             p = attn.project(h, cos, sin)
             index_keys = attn.indexer.keys(h, cos, sin) if attn.indexer is not None else None
             self.cache.write(i, slots, torch.cat((p.latent, p.k_rope), dim=-1), index_keys)
+            if self.layer_hook is not None:
+                self.layer_hook(i, chunks, slots)
             if attn.indexer is not None:
                 q_index = attn.indexer.queries(p.q_resid, cos, sin)
                 chosen = self.attention.select_topk(

@@ -85,6 +85,12 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (probs / noise).argmax(-1)
 
 
+def draw_skip(generator: torch.Generator, vocab_size: int) -> None:
+    """Advance a generator past one `draw` made elsewhere (a prefill worker sampled the first token with the same
+    seed), so the rest of the request samples as it would have in one process."""
+    torch.empty(vocab_size).exponential_(generator=generator)
+
+
 def _penalize(row: torch.Tensor, prompt: list[int], output: list[int], p: SamplingParams) -> torch.Tensor:
     vocab = row.shape[-1]
     out_counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(row.device)
