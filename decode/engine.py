@@ -217,7 +217,7 @@ class LLMEngine:
         for seq, n in plan.scheduled:
             start = seq.num_computed_tokens - n
             done = seq.num_computed_tokens == seq.num_tokens
-            chunks.append(SeqChunk(seq.token_ids[start : start + n], start, seq.block_table, done, seq.request_id))
+            chunks.append(SeqChunk(seq.token_ids[start : start + n], start, seq.block_table, int(done), seq.request_id))
             if done:
                 ready.append(seq)
         result = self.runner.forward(chunks)
