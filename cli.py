@@ -32,6 +32,13 @@ def _serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from glmserve.cluster.bench_serve import run_bench_serve
+
+    run_bench_serve(args)
+    return 0
+
+
 def _bench_scheduler(args: argparse.Namespace) -> int:
     from glmserve.decode.bench_scheduler import run_bench_scheduler
 
@@ -59,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: each prints a table and writes JSON").add_subparsers(
         dest="bench", required=True
     )
+    from glmserve.cluster.bench_serve import add_bench_serve_args
+
+    bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server: TTFT/TPOT/ITL/E2E, goodput")
+    add_bench_serve_args(bench_serve)
+    bench_serve.set_defaults(func=_bench_serve)
     sched = bench.add_parser("scheduler", help="CPU cost of one scheduling step vs context length")
     sched.add_argument("--num-seqs", type=int, default=256)
     sched.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768])
