@@ -23,7 +23,10 @@ WORKER_METRICS = {
     "kv_transfer_seconds": ("kv_transfer_seconds", "counter", "Seconds spent in KV transfers"),
     "kv_transfer_failures": ("kv_transfer_failures", "counter", "KV transfers that failed (lease, abort, peer lost)"),
     "num_preemptions": ("num_preemptions", "counter", "Sequences preempted for lack of KV blocks"),
+    "spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens", "counter", "Draft tokens judged"),
+    "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "counter", "Draft tokens accepted"),
 }
+SPEC_PREFIXES = {"spec_decode_accepted_pos": "accepted", "spec_decode_drafted_pos": "drafted"}
 
 
 class _WorkerStats:
@@ -41,6 +44,18 @@ class _WorkerStats:
                 if key in stats:
                     family.add_metric([replica, str(stats.get("role", ""))], float(stats[key]))
             yield family
+        # per draft position: acceptance rate = accepted / drafted at that position
+        per_pos = CounterMetricFamily(
+            PREFIX + "spec_decode_num_tokens_per_pos",
+            "Draft tokens judged / accepted, by draft position",
+            labels=["replica", "position", "kind"],
+        )
+        for replica, stats in sorted(self.latest.items()):
+            for key, value in stats.items():
+                for prefix, kind in SPEC_PREFIXES.items():
+                    if key.startswith(prefix):
+                        per_pos.add_metric([replica, key.removeprefix(prefix), kind], float(value))
+        yield per_pos
 
 
 class Metrics:

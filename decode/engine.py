@@ -7,6 +7,7 @@ drive it.
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,16 +17,19 @@ from glmserve.model.block_manager import BlockManager
 from glmserve.model.detokenizer import IncrementalDetokenizer
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache, gpu_kv_budget, num_blocks_for_budget
 from glmserve.model.loader import load_model, resolve_dtype
-from glmserve.model.model_runner import ModelRunner, SeqChunk
-from glmserve.model.sampler import Sampler, SamplerOutput, SamplingBatch, draw_skip
+from glmserve.model.model_runner import ModelRunner, SeqChunk, StepOutput
+from glmserve.model.mtp_drafter import MTPDrafter
+from glmserve.model.sampler import Sampler, SamplingBatch, draw, draw_skip
 from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.stop_checker import StopChecker
 from glmserve.model.tokenizer import Tokenizer
 
 from .engine_args import EngineArgs
-from .outputs import CompletionDelta, CompletionOutput, Logprob, RequestOutput
+from .outputs import CompletionDelta, CompletionOutput, Logprob, RequestOutput, SpecStats
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .spec_decode import verify_drafts
+from .spec_policy import SpeculationPolicy
 from .validation import InvalidRequest, validate_request
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache)
+        self.drafter = MTPDrafter(self.runner) if args.num_speculative_tokens > 0 else None
+        self.policy = SpeculationPolicy(args.num_speculative_tokens, seed=args.seed)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device="cpu").manual_seed(args.seed)
         self._arrival = itertools.count()
@@ -209,44 +215,111 @@ class LLMEngine:
 
     # ---- stepping ----
     def step(self) -> list[RequestOutput]:
-        """One scheduling step and one forward; returns the requests that advanced, with this step's deltas."""
+        """One scheduling step and one forward; returns the requests that advanced, with this step's deltas.
+
+        With speculation on, decoding sequences carry the drafts proposed last step: they are scheduled as extra
+        tokens, verified against the target's logits, the rejected ones rolled back, and the MTP layer then catches
+        up on the accepted positions and drafts the next ones."""
+        k = self.policy.choose(len(self.scheduler.running)) if self.drafter is not None else 0
+        for seq in self.scheduler.running:
+            seq.token_ids += seq.drafts  # to be verified; removed again below if not scheduled
         plan = self.scheduler.schedule()
-        if not plan.scheduled:
-            return []
+        for seq in plan.preempted:
+            self._drop_drafts(seq, len(seq.drafts))
         chunks, ready = [], []
         for seq, n in plan.scheduled:
+            unscheduled = seq.num_tokens - seq.num_computed_tokens
+            self._drop_drafts(seq, min(unscheduled, len(seq.drafts)))  # drafts the budget left out
             start = seq.num_computed_tokens - n
             done = seq.num_computed_tokens == seq.num_tokens
-            chunks.append(SeqChunk(seq.token_ids[start : start + n], start, seq.block_table, int(done), seq.request_id))
+            num_logits = 1 + len(seq.drafts) if done else 0
+            chunks.append(
+                SeqChunk(seq.token_ids[start : start + n], start, seq.block_table, num_logits, seq.request_id)
+            )
             if done:
                 ready.append(seq)
-        result = self.runner.forward(chunks)
+        if not chunks:
+            return []
+        t0 = time.perf_counter()
+        result = self.runner.forward(chunks, keep_all_hidden=self.drafter is not None)
+        finishing = self._sample_or_verify(ready, result)
         for seq, _ in plan.scheduled:
             self.scheduler.publish_full_blocks(seq)
-        if not ready:
-            return []
-        batch = SamplingBatch(
-            params=[s.params for s in ready],
-            prompt_token_ids=[s.prompt_token_ids for s in ready],
-            output_token_ids=[s.output_token_ids for s in ready],
-            generators=[s.generator or self.default_generator for s in ready],
+        if self.drafter is not None:
+            self._draft(plan.scheduled, chunks, result, finishing, k)
+            if len(ready) == len(plan.scheduled):  # a pure decode step times the verify + draft cost of k
+                self.policy.record_step(len(ready), k, time.perf_counter() - t0)
+        for seq, reason in finishing.items():
+            self.scheduler.finish(seq, reason)
+        advanced = dict.fromkeys(seq.request_id.rpartition("#")[0] for seq in ready)
+        return [self._emit(self._requests[rid]) for rid in advanced]
+
+    def _drop_drafts(self, seq: Sequence, n: int) -> None:
+        if n <= 0:
+            return
+        del seq.token_ids[-n:]
+        seq.drafts = seq.drafts[: len(seq.drafts) - n]
+        seq.draft_probs = None if seq.draft_probs is None else seq.draft_probs[: len(seq.drafts)]
+
+    def _sampling_batch(self, seqs: list[Sequence], extra: list[list[int]] | None = None) -> SamplingBatch:
+        """One row per sequence; `extra[i]` are tokens the row's penalties count beyond its outputs (drafts)."""
+        return SamplingBatch(
+            params=[s.params for s in seqs],
+            prompt_token_ids=[s.prompt_token_ids for s in seqs],
+            output_token_ids=[s.output_token_ids + (extra[i] if extra else []) for i, s in enumerate(seqs)],
+            generators=[s.generator or self.default_generator for s in seqs],
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
         )
-        sampled = self.sampler.sample(result.logits, batch)
-        if self.hidden_hook is not None:
-            for i, seq in enumerate(ready):
-                self.hidden_hook(seq.request_id.rpartition("#")[0], result.hidden[i])
-        advanced: dict[str, _Request] = {}
-        for i, seq in enumerate(ready):
-            k = seq.params.logprobs
-            entry = self._logprob_entry(sampled, i, k) if k is not None else None
-            self._append(self._tracks[seq], int(sampled.token_ids[i]), entry)
-            rid = seq.request_id.rpartition("#")[0]
-            advanced[rid] = self._requests[rid]
-        return [self._emit(request) for request in advanced.values()]
 
-    def _append(self, track: _Track, token: int, logprob: dict[int, Logprob] | None) -> None:
-        """Add one sampled token to a sequence, run the stop checks, retire it if it finished."""
+    def _sample_or_verify(self, ready: list[Sequence], result: StepOutput) -> dict[Sequence, str]:
+        """Turn each ready sequence's logits rows into new tokens; returns the sequences that finished."""
+        first_row, row = {}, 0
+        for seq in ready:
+            first_row[seq] = row
+            row += 1 + len(seq.drafts)
+        plain = [s for s in ready if not s.drafts]
+        new_tokens: dict[Sequence, list[int]] = {}
+        if plain:
+            sampled = self.sampler.sample(result.logits[[first_row[s] for s in plain]], self._sampling_batch(plain))
+            new_tokens.update(zip(plain, ([t] for t in sampled.tolist()), strict=True))
+        for seq in ready:
+            if seq.drafts:
+                rows = result.logits[first_row[seq] : first_row[seq] + 1 + len(seq.drafts)]
+                new_tokens[seq] = self._verify(seq, rows)
+        finishing: dict[Sequence, str] = {}
+        for seq in ready:
+            for j, token in enumerate(new_tokens[seq]):
+                entry = None
+                if seq.params.logprobs is not None:
+                    entry = self._logprob_entry(result.logits[first_row[seq] + j], token, seq.params.logprobs)
+                reason = self._append(self._tracks[seq], token, entry)
+                if reason is not None:
+                    finishing[seq] = reason
+                    break
+            if self.hidden_hook is not None:
+                last = first_row[seq] + len(new_tokens[seq]) - 1
+                self.hidden_hook(seq.request_id.rpartition("#")[0], result.hidden[last])
+        return finishing
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
+        """Accept a prefix of the drafts and add one target token; roll the rejected positions back."""
+        k = len(seq.drafts)
+        batch = self._sampling_batch([seq] * (k + 1), [seq.drafts[:i] for i in range(k + 1)])
+        target = self.sampler.probs(logits, batch)
+        tokens = verify_drafts(target, seq.drafts, seq.draft_probs, batch.generators[0], seq.params.is_greedy)
+        self.policy.record_verification(k, len(tokens) - 1)
+        seq.num_spec_steps += 1
+        seq.num_drafted += k
+        seq.num_accepted += len(tokens) - 1
+        # Positions after the last accepted draft hold KV of rejected tokens: they are recomputed (and their MTP
+        # entries rewritten) before anything reads them, so rolling back is forgetting them.
+        self._drop_drafts(seq, k)
+        seq.num_computed_tokens = seq.num_tokens + len(tokens) - 1
+        return tokens
+
+    def _append(self, track: _Track, token: int, logprob: dict[int, Logprob] | None) -> str | None:
+        """Add one token to a sequence and run the stop checks; returns the finish reason, if any (the caller
+        retires the sequence once the step is done with it)."""
         seq = track.seq
         seq.token_ids.append(token)
         track.new_tokens.append(token)
@@ -259,19 +332,81 @@ class LLMEngine:
             if decision.finish_reason == "length":
                 text += track.detok.flush()
             track.stop_reason = decision.stop_reason
-            self.scheduler.finish(seq, decision.finish_reason)
         track.text += text
         track.new_text += text
+        return decision.finish_reason
 
-    def _logprob_entry(self, sampled: SamplerOutput, i: int, k: int) -> dict[int, Logprob]:
-        """The sampled token's logprob and rank, then the k most likely tokens."""
-        token = int(sampled.token_ids[i])
-        entry = {token: Logprob(float(sampled.logprobs[i]), int(sampled.ranks[i]), self.tokenizer.decode([token]))}
-        for rank, (tid, lp) in enumerate(
-            zip(sampled.top_ids[i, :k].tolist(), sampled.top_logprobs[i, :k].tolist(), strict=True)
-        ):
-            entry.setdefault(tid, Logprob(lp, rank + 1, self.tokenizer.decode([tid])))
+    def _logprob_entry(self, logits: torch.Tensor, token: int, k: int) -> dict[int, Logprob]:
+        """The chosen token's logprob and rank under the raw logits (vLLM's default), then the k most likely."""
+        logprobs = logits.float().log_softmax(-1)
+        chosen = float(logprobs[token])
+        rank = int((logprobs > chosen).sum()) + 1
+        entry = {token: Logprob(chosen, rank, self.tokenizer.decode([token]))}
+        top = logprobs.topk(k)
+        for r, (tid, lp) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True)):
+            entry.setdefault(tid, Logprob(lp, r + 1, self.tokenizer.decode([tid])))
         return entry
+
+    def _draft(self, scheduled, chunks: list[SeqChunk], result: StepOutput, finishing: dict, k_policy: int) -> None:
+        """MTP catch-up on every position whose next token is now known, then drafts for decoding sequences."""
+        mtp_chunks, rows, drafting = [], [], []
+        offset = 0
+        for (seq, n), chunk in zip(scheduled, chunks, strict=True):
+            start = chunk.start_pos
+            valid = min(n, seq.num_computed_tokens - start)  # rejected drafts are not valid positions
+            end = start + valid
+            if valid > 0 and seq.num_tokens > end:  # the next token of the last valid position is known
+                want = (
+                    0
+                    if seq in finishing or seq.num_computed_tokens < seq.num_tokens - 1
+                    else self._k_for(seq, k_policy)
+                )
+                ok = want > 0 and self.scheduler.ensure_blocks(seq, seq.num_tokens + want)
+                mtp_chunks.append(
+                    SeqChunk(seq.token_ids[start + 1 : end + 1], start, seq.block_table, int(ok), seq.request_id)
+                )
+                rows.append(torch.arange(offset, offset + valid))
+                if ok:
+                    drafting.append((seq, want))
+            offset += n
+        for seq, _ in scheduled:
+            seq.drafts, seq.draft_probs = [], None
+        if not mtp_chunks:
+            return
+        out = self.drafter.run(mtp_chunks, result.all_hidden[torch.cat(rows).to(result.all_hidden.device)])
+        if not drafting:
+            return
+        seqs = [s for s, _ in drafting]
+        remaining = {s: want for s, want in drafting}
+        hidden, reuse = out.hidden, self.drafter.reusable(out.chosen)
+        logits = out.logits
+        active = seqs
+        while active:
+            batch = self._sampling_batch(active, [s.drafts for s in active])
+            probs = self.sampler.probs(logits, batch)
+            for i, s in enumerate(active):
+                token = int(draw(probs[i], batch.generators[i])) if not s.params.is_greedy else int(probs[i].argmax())
+                s.drafts.append(token)
+                if not s.params.is_greedy:
+                    s.draft_probs = (
+                        probs[i : i + 1] if s.draft_probs is None else torch.cat((s.draft_probs, probs[i : i + 1]))
+                    )
+            keep = [i for i, s in enumerate(active) if len(s.drafts) < remaining[s]]
+            if not keep:
+                break
+            active = [active[i] for i in keep]
+            step_chunks = [
+                SeqChunk([s.drafts[-1]], s.num_tokens - 1 + len(s.drafts), s.block_table, 1, s.request_id)
+                for s in active
+            ]
+            reuse = None if reuse is None else [reuse[seqs.index(s)] for s in active]
+            out = self.drafter.run(step_chunks, hidden[keep], reuse)
+            hidden, logits = out.hidden, out.logits
+            seqs = active
+
+    def _k_for(self, seq: Sequence, k_policy: int) -> int:
+        cap = seq.params.num_speculative_tokens
+        return k_policy if cap is None else min(cap, k_policy)
 
     def _emit(self, request: _Request) -> RequestOutput:
         deltas = []
@@ -301,7 +436,13 @@ class LLMEngine:
             out.prompt_token_ids = first.prompt_token_ids
             out.outputs = [
                 CompletionOutput(
-                    t.index, t.text, t.seq.output_token_ids, t.logprobs, t.seq.finish_reason, t.stop_reason
+                    t.index,
+                    t.text,
+                    t.seq.output_token_ids,
+                    t.logprobs,
+                    t.seq.finish_reason,
+                    t.stop_reason,
+                    SpecStats(t.seq.num_spec_steps, t.seq.num_drafted, t.seq.num_accepted) if self.drafter else None,
                 )
                 for t in request.tracks
             ]

@@ -22,10 +22,23 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None  # per generated token: {token id: Logprob}
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    spec: "SpecStats | None" = None  # speculative decoding counters, when it ran
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class SpecStats:
+    num_steps: int  # verification steps
+    num_draft_tokens: int
+    num_accepted_tokens: int
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification step (accepted drafts + the target's own token)."""
+        return (self.num_accepted_tokens + self.num_steps) / self.num_steps if self.num_steps else 1.0
 
 
 @dataclass

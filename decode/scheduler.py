@@ -82,6 +82,10 @@ class Scheduler:
             seq.num_computed_tokens += n
         return out
 
+    def ensure_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for `num_tokens` tokens of a running sequence (drafts need room ahead of time)."""
+        return self._grow(seq, num_tokens)
+
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         need = self.blocks.blocks_needed(num_tokens) - len(seq.block_table)
         if need <= 0:

@@ -30,6 +30,12 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None  # per-request seeded sampling
     num_preemptions: int = 0
+    # speculative decoding: drafts proposed by the MTP layer, verified in the next step
+    drafts: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None  # [len(drafts), vocab]; None for greedy requests
+    num_spec_steps: int = 0  # verification steps
+    num_drafted: int = 0
+    num_accepted: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -38,6 +38,10 @@ class DecodeWorker:
             "prefix_cache_queries": blocks.prefix_queries,
             "prefix_cache_hits": blocks.prefix_hits,
             "num_preemptions": engine.scheduler.num_preemptions,
+            "spec_decode_num_draft_tokens": sum(engine.policy.drafted),
+            "spec_decode_num_accepted_tokens": sum(engine.policy.accepted),
+            **{f"spec_decode_accepted_pos{i}": n for i, n in enumerate(engine.policy.accepted)},
+            **{f"spec_decode_drafted_pos{i}": n for i, n in enumerate(engine.policy.drafted)},
         }
 
     async def wait_idle(self, timeout: float = 10.0) -> bool:

@@ -53,6 +53,11 @@ class TorchAttention:
             chosen.append(torch.where(causal.gather(1, top), top, -1))
         return chosen
 
+    @staticmethod
+    def last_query_picks(chosen: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Each sequence's last query's picks, reused by a one-token step right after (MTP draft steps)."""
+        return [None if picks is None else picks[-1:] for picks in chosen]
+
     def attend(
         self,
         batch: PagedBatch,

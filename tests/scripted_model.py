@@ -50,5 +50,9 @@ def make_scripted_checkpoint(path: Path, chains: tuple[str, ...] = (THINK_CHAIN,
         head.zero_()
         for a, b in successor_pairs(tokenizer, list(chains)).items():
             head[b] += embed[a] / embed[a].norm()
+        # The MTP layer passes the next token's embedding through, so it drafts that token's successor: the
+        # script's continuation, always accepted under greedy decoding.
+        hidden = embed.shape[1]
+        model.mtp.eh_proj.weight.copy_(torch.cat((torch.eye(hidden), torch.zeros(hidden, hidden)), dim=1))
     save_weights(model, path, dtype=torch.float32)
     return path

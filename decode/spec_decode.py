@@ -1,0 +1,44 @@
+"""Lossless verification of draft tokens (speculative sampling: Leviathan et al. 2023, Chen et al. 2023).
+
+Draft token d_i, drawn from the draft distribution q_i, is accepted with probability min(1, p_i(d_i) / q_i(d_i));
+at the first rejection the token is resampled from norm(max(p_i - q_i, 0)); when every draft is accepted, one more
+token comes from the target's next distribution. The output then follows the target distribution exactly. Greedy
+requests (one-hot p) reduce to: accept while the draft equals the target's argmax, then emit the argmax.
+"""
+
+import torch
+
+from glmserve.model.sampler import draw
+
+
+def verify_drafts(
+    target_probs: torch.Tensor,
+    drafts: list[int],
+    draft_probs: torch.Tensor | None,
+    generator: torch.Generator,
+    greedy: bool,
+) -> list[int]:
+    """target_probs [K+1, V] at the draft positions and one past; draft_probs [K, V] (None when greedy).
+
+    Returns the accepted drafts followed by one token from the target (1 to K+1 tokens).
+    """
+    if greedy:
+        best = target_probs.argmax(-1).tolist()
+        out = []
+        for i, d in enumerate(drafts):
+            if d != best[i]:
+                break
+            out.append(d)
+        return out + [best[len(out)]]
+    uniforms = torch.rand(len(drafts), generator=generator).tolist() if drafts else []
+    out = []
+    for i, d in enumerate(drafts):
+        p, q = float(target_probs[i, d]), float(draft_probs[i, d])
+        if q > 0 and uniforms[i] * q <= p:  # u < p/q, without dividing by a tiny q
+            out.append(d)
+            continue
+        residual = (target_probs[i] - draft_probs[i]).clamp(min=0)
+        total = residual.sum()
+        # p == q leaves nothing to resample from; then p itself is the right distribution
+        return out + [int(draw(residual / total if total > 0 else target_probs[i], generator))]
+    return out + [int(draw(target_probs[len(drafts)], generator))]
