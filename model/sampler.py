@@ -41,7 +41,7 @@ class Sampler:
     def processed_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """fp32 logits after every step but the draw. Greedy rows skip temperature; no later step moves their
         argmax."""
-        logits = logits.float().clone()
+        logits = logits.to(torch.float32, copy=True)
         params = batch.params
         _mask_stop_tokens(logits, batch)
         _apply_penalties(logits, batch)
@@ -63,10 +63,10 @@ class Sampler:
         verifies against)."""
         processed = self.processed_logits(logits, batch)
         probs = processed.softmax(-1)
-        greedy = torch.tensor([p.is_greedy for p in batch.params], device=logits.device)
-        if greedy.any():
+        greedy = [p.is_greedy for p in batch.params]
+        if any(greedy):
             one_hot = torch.zeros_like(probs).scatter_(-1, processed.argmax(-1, keepdim=True), 1.0)
-            probs = torch.where(greedy[:, None], one_hot, probs)
+            probs = torch.where(torch.tensor(greedy, device=probs.device)[:, None], one_hot, probs)
         return probs
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -163,7 +163,7 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
         prompts = [
             batch.prompt_token_ids[i] if p.repetition_penalty != 1.0 else () for i, p in zip(rows, params, strict=True)
         ]
-        seen = counts > 0
+        seen = (counts > 0) | (_token_counts(prompts, vocab, device) > 0)
         repetition = _column([p.repetition_penalty for p in params], device)
         scaled = torch.where(penalized > 0, penalized / repetition, penalized * repetition)
         penalized = torch.where(seen, scaled, penalized)

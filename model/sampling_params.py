@@ -1,6 +1,13 @@
-"""Per-request sampling parameters, with vLLM's names and defaults so users carry their settings over."""
+"""Per-request sampling parameters, with vLLM's names and defaults so users carry their settings over.
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+Invalid values raise a pydantic `ValidationError` whose location is the offending field, so the API layer can
+answer with an OpenAI-shaped 400 naming it (`param`).
+"""
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 class SamplingParams(BaseModel):
@@ -14,34 +21,46 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     max_tokens: int = Field(16, ge=1)
-    min_tokens: int = Field(0, ge=0)
-    logprobs: int | None = Field(None, ge=0, le=20)  # top alternatives per token; the sampled one always comes
+    min_tokens: int = Field(0, ge=0)  # validated against max_tokens below, so it must come after it
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top alternatives; the sampled token always comes
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     num_speculative_tokens: int | None = Field(None, ge=0)  # lowers the engine's MTP draft length for this request
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop", "stop_token_ids", mode="before")
     @classmethod
-    def _one_stop(cls, v):
-        return [v] if isinstance(v, str) else ([] if v is None else v)
+    def _listify(cls, value):
+        """vLLM accepts a single stop string, and None for either list."""
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @field_validator("stop")
     @classmethod
-    def _no_empty_stop(cls, v: list[str]) -> list[str]:
-        if any(s == "" for s in v):
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
-        return v
+        return stop
 
-    @model_validator(mode="after")
-    def _min_below_max(self) -> "SamplingParams":
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        return self
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _non_negative_ids(cls, ids: list[int]) -> list[int]:
+        if any(t < 0 for t in ids):
+            raise ValueError(f"token ids must be >= 0, got {[t for t in ids if t < 0]}")
+        return ids
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_below_max(cls, min_tokens: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")  # absent when max_tokens itself failed
+        if max_tokens is not None and min_tokens > max_tokens:
+            raise ValueError(f"min_tokens ({min_tokens}) must be <= max_tokens ({max_tokens})")
+        return min_tokens
 
     @property
     def is_greedy(self) -> bool:
