@@ -39,6 +39,13 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_router(args: argparse.Namespace) -> int:
+    from glmserve.cluster.bench_router import run_bench_router
+
+    run_bench_router(args.num_requests, args.port, args.output_json)
+    return 0
+
+
 def _bench_scheduler(args: argparse.Namespace) -> int:
     from glmserve.decode.bench_scheduler import run_bench_scheduler
 
@@ -71,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server: TTFT/TPOT/ITL/E2E, goodput")
     add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=_bench_serve)
+    router = bench.add_parser("router", help="latency the OpenAI router adds over calling decode directly")
+    router.add_argument("--num-requests", type=int, default=200)
+    router.add_argument("--port", type=int, default=8123)
+    router.add_argument("--output-json", default="bench_router.json")
+    router.set_defaults(func=_bench_router)
     sched = bench.add_parser("scheduler", help="CPU cost of one scheduling step vs context length")
     sched.add_argument("--num-seqs", type=int, default=256)
     sched.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768])

@@ -128,7 +128,7 @@ def build_app(config: ServingConfig) -> serve.Application:
         ),
         **_options(config.decode),
     ).bind(config)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(config, decode)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024).bind(config, decode)
 
 
 def ray_init_kwargs() -> dict:

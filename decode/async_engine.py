@@ -85,13 +85,24 @@ class AsyncEngine:
         self._wake.set()
         return future
 
-    async def generate(self, request_id: str, prompt: str | list[int], params) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; raises what `add_request` raises (e.g. InvalidRequest)."""
+    async def generate(
+        self,
+        request_id: str,
+        add: Callable[[], Any],
+        on_added: Callable[[Any], AsyncIterator[RequestOutput]] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. `add` queues it (on the engine thread; what it raises, e.g. InvalidRequest,
+        comes back here); `on_added`, given what `add` returned, may yield the first outputs itself (a remote
+        prefill). If the consumer leaves early, the request is aborted and its blocks freed."""
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
         finished = False
         try:
-            await self.submit(lambda: self.engine.add_request(request_id, prompt, params))
+            added = await self.submit(add)
+            if on_added is not None:
+                async for out in on_added(added):
+                    finished = out.finished
+                    yield out
             while not finished:
                 item = await q.get()
                 if isinstance(item, BaseException):
@@ -103,15 +114,6 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(lambda: self.engine.abort(request_id))
                 self._wake.set()
-
-    def attach(self, request_id: str) -> "asyncio.Queue":
-        """Receive outputs of a request added by some other command (remote-prefill flows)."""
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
-        return q
-
-    def detach(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
 
     def shutdown(self) -> None:
         self._stopped = True

@@ -23,7 +23,9 @@ class DecodeWorker:
         self.async_engine = AsyncEngine(self.engine)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
-        async for out in self.async_engine.generate(request.request_id, request.prompt_token_ids, request.params):
+        engine = self.engine
+        add = lambda: engine.add_request(request.request_id, request.prompt_token_ids, request.params)  # noqa: E731
+        async for out in self.async_engine.generate(request.request_id, add):
             yield out
 
     def stats(self) -> dict[str, float]:

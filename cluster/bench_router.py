@@ -1,0 +1,89 @@
+"""`glmserve bench router`: latency the OpenAI router adds over calling the decode deployment directly.
+
+The same one-token request (a token-id prompt, max_tokens 1) is timed N times each way against one running app:
+through HTTP (Serve's proxy -> Ingress: validation, template-free token prompt, SSE-free JSON response -> decode) and
+through a DeploymentHandle straight to DecodeServer from the driver. The p50 difference is the router's cost.
+"""
+
+import asyncio
+import json
+import logging
+import time
+
+import httpx
+import numpy as np
+
+from glmserve.decode.request import EngineRequest
+from glmserve.model.sampling_params import SamplingParams
+
+from .serving_config import ServingConfig
+
+log = logging.getLogger(__name__)
+GOAL_MS = 2.0
+
+
+async def _time_direct(handle, prompt: list[int], n: int) -> np.ndarray:
+    out = np.empty(n)
+    stream = handle.options(stream=True)
+    for i in range(n):
+        t0 = time.perf_counter()
+        request = EngineRequest(request_id=f"direct-{i}", prompt_token_ids=prompt,
+                                params=SamplingParams(temperature=0, max_tokens=1))
+        async for _ in stream.generate.remote(request):
+            pass
+        out[i] = time.perf_counter() - t0
+    return out
+
+
+async def _time_http(base: str, prompt: list[int], n: int) -> np.ndarray:
+    out = np.empty(n)
+    async with httpx.AsyncClient(timeout=60) as client:
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = await client.post(f"{base}/v1/completions",
+                                  json={"prompt": prompt, "max_tokens": 1, "temperature": 0})
+            r.raise_for_status()
+            out[i] = time.perf_counter() - t0
+    return out
+
+
+def run_bench_router(num_requests: int = 200, port: int = 8123, output_json: str | None = None) -> dict:
+    import ray
+    from ray import serve
+
+    from .app import build_app, ray_init_kwargs
+
+    config = ServingConfig(port=port)
+    config.prefill.replicas = 0
+    ray.init(**ray_init_kwargs())
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name="glmserve", route_prefix="/")
+        handle = serve.get_deployment_handle("DecodeServer", app_name="glmserve")
+        prompt = list(range(100, 132))
+        warm = min(20, num_requests)
+        asyncio.run(_time_http(f"http://127.0.0.1:{port}", prompt, warm))
+        asyncio.run(_time_direct(handle, prompt, warm))
+        via_http = asyncio.run(_time_http(f"http://127.0.0.1:{port}", prompt, num_requests)) * 1e3
+        direct = asyncio.run(_time_direct(handle, prompt, num_requests)) * 1e3
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    row = {
+        "num_requests": num_requests,
+        "direct_p50_ms": float(np.median(direct)),
+        "http_p50_ms": float(np.median(via_http)),
+        "direct_p90_ms": float(np.percentile(direct, 90)),
+        "http_p90_ms": float(np.percentile(via_http, 90)),
+    }
+    row["overhead_p50_ms"] = row["http_p50_ms"] - row["direct_p50_ms"]
+    row["overhead_vs_goal"] = row["overhead_p50_ms"] / GOAL_MS
+    print(f"router overhead, {num_requests} one-token requests (goal < {GOAL_MS} ms at p50)")
+    print(f"{'path':<28}{'p50 ms':>9}{'p90 ms':>9}")
+    print(f"{'DeploymentHandle -> decode':<28}{row['direct_p50_ms']:>9.2f}{row['direct_p90_ms']:>9.2f}")
+    print(f"{'HTTP -> Ingress -> decode':<28}{row['http_p50_ms']:>9.2f}{row['http_p90_ms']:>9.2f}")
+    print(f"{'added by the router':<28}{row['overhead_p50_ms']:>9.2f}   ({row['overhead_vs_goal']:.2f}x the goal)")
+    if output_json:
+        with open(output_json, "w") as f:
+            json.dump({"benchmark": "router", "goal_ms": GOAL_MS, **row}, f, indent=2)
+    return row
