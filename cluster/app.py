@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 
+import ray
 import torch
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -21,6 +22,8 @@ from glmserve.decode.server import DecodeWorker
 from glmserve.model.config import GlmConfig
 from glmserve.model.default_checkpoint import default_checkpoint
 from glmserve.model.tokenizer import Tokenizer
+from glmserve.prefill.request import PrefillRequest, PrefillResult
+from glmserve.prefill.worker import PrefillWorker
 
 from . import stats_board
 from .serving_config import RoleConfig, ServingConfig
@@ -45,11 +48,36 @@ async def _post_stats_forever(replica: str, stats) -> None:
         await asyncio.sleep(STATS_PERIOD_S)
 
 
+@serve.deployment(name="PrefillServer")
+class PrefillServer:
+    def __init__(self, config: ServingConfig):
+        _limit_threads(config.prefill)
+        self.worker = PrefillWorker(config.engine, config.kv_transfer.transport)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(replica, self.worker.stats))
+
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
+        return await self.worker.prefill(request)
+
+    def record_routing_stats(self) -> dict[str, float]:
+        return self.worker.stats()
+
+    def __del__(self) -> None:
+        self.worker.shutdown()
+
+
 @serve.deployment(name="DecodeServer")
 class DecodeServer:
-    def __init__(self, config: ServingConfig):
+    def __init__(self, config: ServingConfig, prefill: DeploymentHandle | None = None):
         _limit_threads(config.decode)
-        self.worker = DecodeWorker(config.engine)
+        self.worker = DecodeWorker(
+            config.engine,
+            prefill=(lambda request: prefill.prefill.remote(request)) if prefill is not None else None,
+            local_prefill_threshold=config.local_prefill_threshold,
+            lease_s=config.kv_transfer.lease_s,
+            on_failure=config.kv_transfer.on_failure,
+            host=ray.util.get_node_ip_address() if config.host not in ("127.0.0.1", "localhost") else "127.0.0.1",
+        )
         replica = serve.get_replica_context().replica_id.unique_id
         self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(replica, self.worker.stats))
 
@@ -121,13 +149,22 @@ def build_app(config: ServingConfig) -> serve.Application:
     """The whole application from one config (Ray Serve application builder)."""
     if not isinstance(config, ServingConfig):
         config = ServingConfig.model_validate(config)
+    prefill = None
+    if config.prefill.replicas > 0 or config.prefill.autoscaling is not None:
+        prefill = PrefillServer.options(
+            request_router_config=RequestRouterConfig(
+                request_router_class="glmserve.cluster.routers:PrefixAffinityRouter",
+                request_routing_stats_period_s=1,
+            ),
+            **_options(config.prefill),
+        ).bind(config)
     decode = DecodeServer.options(
         request_router_config=RequestRouterConfig(
             request_router_class="glmserve.cluster.routers:LeastLoadedRouter",
             request_routing_stats_period_s=1,
         ),
         **_options(config.decode),
-    ).bind(config)
+    ).bind(config, prefill)
     return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024).bind(config, decode)
 
 

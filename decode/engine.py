@@ -39,10 +39,11 @@ CPU_KV_BUDGET = 256 << 20
 
 @dataclass
 class RemotePrefill:
-    """Which reserved blocks a prefill worker must fill: tokens [start_token, start_token + num_tokens)."""
+    """What a prefill worker must fill: tokens [start_token, start_token + num_tokens) of a sequence whose block
+    table is `block_table` (the blocks before start_token already hold its cached prefix)."""
 
     request_id: str
-    dst_block_ids: list[int]
+    block_table: list[int]
     start_token: int
     num_tokens: int
 
@@ -174,10 +175,9 @@ class LLMEngine:
             return None  # short enough to prefill here
         if not self.scheduler.reserve_remote(seq):
             return None  # no room for the whole prompt now: queue it here, the scheduler will make room
-        first = seq.num_computed_tokens // self.block_manager.block_size
         return RemotePrefill(
             seq.request_id.rpartition("#")[0],
-            seq.block_table[first:],
+            list(seq.block_table),
             seq.num_computed_tokens,
             seq.num_tokens - seq.num_computed_tokens,
         )

@@ -1,37 +1,142 @@
 """The decode worker: runs an engine, prefills short prompts itself, and (when prefill workers exist) hands long
 uncached prompts to one of them, receiving their KV cache over the transfer service before decoding.
 
+Decode is the orchestrator: it reserves the blocks, registers a transfer (with a lease) at its KV receiver, asks
+a prefill worker to fill them, and decodes once every layer has landed. A failed transfer (lease expired, prefill
+worker died, aborted) frees the blocks and, by policy, recomputes the prompt here or fails the request.
+
 Plain Python: `cluster/app.py` wraps it as the Ray Serve `DecodeServer` deployment.
 """
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
+
+from glmserve.kvtransfer.completion import Completion
+from glmserve.kvtransfer.errors import TransferFailed
+from glmserve.kvtransfer.receiver import KVReceiver
+from glmserve.model.block_manager import block_hash
+from glmserve.prefill.request import PrefillRequest
+from glmserve.prefill.worker import transfer_layout
 
 from .async_engine import AsyncEngine
-from .engine import LLMEngine
+from .engine import LLMEngine, RemotePrefill
 from .engine_args import EngineArgs
-from .outputs import RequestOutput
+from .outputs import Logprob, RequestOutput
 from .request import EngineRequest
 
 log = logging.getLogger(__name__)
 
+PrefillCall = Callable[[PrefillRequest], Awaitable[object]]
+
+
+class RemotePrefillFailed(RuntimeError):
+    """The prompt's KV never arrived and the policy is to fail rather than recompute."""
+
 
 class DecodeWorker:
-    def __init__(self, engine_args: EngineArgs):
+    def __init__(
+        self,
+        engine_args: EngineArgs,
+        prefill: PrefillCall | None = None,
+        local_prefill_threshold: int = 256,
+        lease_s: float = 30.0,
+        on_failure: Literal["recompute", "fail"] = "recompute",
+        host: str = "127.0.0.1",
+    ):
         self.engine = LLMEngine(engine_args)
         self.async_engine = AsyncEngine(self.engine)
+        self.prefill = prefill
+        self.threshold = local_prefill_threshold
+        self.lease_s = lease_s
+        self.on_failure = on_failure
+        self.receiver = None
+        if prefill is not None:
+            layout, latent, index_keys = transfer_layout(self.engine)
+            self.receiver = KVReceiver(layout, latent, index_keys, host=host)
+        self.remote_prefills = self.local_fallbacks = 0
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         engine = self.engine
-        add = lambda: engine.add_request(request.request_id, request.prompt_token_ids, request.params)  # noqa: E731
-        async for out in self.async_engine.generate(request.request_id, add):
+        threshold = self.threshold if self.prefill is not None else None
+
+        def add() -> RemotePrefill | None:
+            return engine.add_request(request.request_id, request.prompt_token_ids, request.params, threshold)
+
+        async def remote(plan: RemotePrefill | None) -> AsyncIterator[RequestOutput]:
+            if plan is not None:
+                out = await self._remote_prefill(plan, request)
+                if out is not None:
+                    yield out
+
+        async for out in self.async_engine.generate(request.request_id, add, remote):
             yield out
+
+    async def _remote_prefill(self, plan: RemotePrefill, request: EngineRequest) -> RequestOutput | None:
+        """Fill the reserved blocks from a prefill worker. Returns the first output, or None when the prompt was
+        sent back to be prefilled here."""
+        rid = plan.request_id
+        self.remote_prefills += 1
+        arrived = asyncio.wrap_future(
+            self.receiver.register(rid, plan.block_table, plan.num_tokens, plan.start_token, self.lease_s)
+        )
+        ids = request.prompt_token_ids
+        call = asyncio.ensure_future(
+            self.prefill(
+                PrefillRequest(
+                    request_id=rid,
+                    prompt_token_ids=ids,
+                    params=request.params,
+                    receiver_address=self.receiver.address,
+                    affinity_key=block_hash(None, ids[:64]) if len(ids) >= 64 else None,
+                )
+            )
+        )
+        try:
+            await asyncio.wait({arrived, call}, return_when=asyncio.FIRST_COMPLETED)
+            if not arrived.done() and call.done() and call.exception() is not None:
+                # the prefill worker failed before sending everything: stop waiting for its lease to run out
+                self.receiver.abort(rid, f"prefill call failed: {call.exception()!r}")
+            completion: Completion = await arrived
+        except TransferFailed as e:
+            return await self._fall_back(rid, e)
+        except BaseException:
+            # the client left (cancelled): no row may land in these blocks once the engine frees them
+            self.receiver.abort(rid, "the request was cancelled")
+            raise
+        finally:
+            if not call.done():
+                call.add_done_callback(_ignore_result)
+        entry = self._logprob_entry(completion, request)
+        engine = self.engine
+        return await self.async_engine.submit(lambda: engine.complete_remote(rid, completion.first_token, entry))
+
+    async def _fall_back(self, rid: str, error: TransferFailed) -> None:
+        log.warning("remote prefill of %s failed (%s); %s", rid, error, self.on_failure)
+        recompute = self.on_failure == "recompute"
+        engine = self.engine
+        await self.async_engine.submit(lambda: engine.fail_remote(rid, recompute))
+        if not recompute:
+            raise RemotePrefillFailed(f"the prompt's KV cache did not arrive: {error}") from error
+        self.local_fallbacks += 1
+        return None
+
+    def _logprob_entry(self, completion: Completion, request: EngineRequest) -> dict[int, Logprob] | None:
+        k = request.params.logprobs
+        if k is None:
+            return None
+        decode = self.engine.tokenizer.decode
+        entry = {completion.first_token: Logprob(completion.logprob, None, decode([completion.first_token]))}
+        for rank, (token, lp) in enumerate(completion.top_logprobs[:k]):
+            entry.setdefault(token, Logprob(lp, rank + 1, decode([token])))
+        return entry
 
     def stats(self) -> dict[str, float]:
         """Cheap counters for metrics and routing; read without locking (ints and floats, torn reads harmless)."""
         engine = self.engine
         blocks = engine.block_manager
+        received = self.receiver.stats if self.receiver else None
         return {
             "role": "decode",
             "num_requests_running": len(engine.scheduler.running),
@@ -40,6 +145,9 @@ class DecodeWorker:
             "prefix_cache_queries": blocks.prefix_queries,
             "prefix_cache_hits": blocks.prefix_hits,
             "num_preemptions": engine.scheduler.num_preemptions,
+            "kv_transfer_bytes": received.bytes_received if received else 0,
+            "kv_transfer_seconds": received.transfer_seconds if received else 0.0,
+            "kv_transfer_failures": received.transfers_failed if received else 0,
             "spec_decode_num_draft_tokens": sum(engine.policy.drafted),
             "spec_decode_num_accepted_tokens": sum(engine.policy.accepted),
             **{f"spec_decode_accepted_pos{i}": n for i, n in enumerate(engine.policy.accepted)},
@@ -48,15 +156,21 @@ class DecodeWorker:
 
     async def wait_idle(self, timeout: float = 10.0) -> bool:
         """True once no request holds blocks (tests use it to check that nothing leaked)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            if (
-                not self.engine.scheduler.has_work
-                and self.engine.block_manager.num_free_blocks == self.engine.block_manager.num_blocks
-            ):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        blocks = self.engine.block_manager
+        while loop.time() < deadline:
+            if not self.engine.scheduler.has_work and blocks.num_free_blocks == blocks.num_blocks:
                 return True
             await asyncio.sleep(0.05)
         return False
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()
+        if self.receiver is not None:
+            self.receiver.close()
+
+
+def _ignore_result(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log it as never seen

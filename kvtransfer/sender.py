@@ -1,0 +1,412 @@
+"""The sending end, run by a prefill worker: one `KVSender` per decode receiver, one `OutgoingTransfer` per request.
+
+    sender = KVSender.connect(address, layout, transport="tcp", pools=(latent, index_keys))   # once per receiver
+    transfer = sender.open_transfer(transfer_id, src_block_ids=block_table)                 # learns start, tokens
+    for layer in ...: compute it; transfer.send_layer(layer)            # queued: overlaps the next layers' compute
+    transfer.complete(first_token, logprob, top_logprobs, hidden).result()   # or: await asyncio.wrap_future(...)
+
+`send_layer` only queues: one worker thread per sender moves chunks in order, so a layer's tensors (or the source
+blocks) must stay unchanged until `complete()`'s future resolves. A background thread renews the leases of open
+transfers and learns when the receiver has given one up. `connect` and `open_transfer` block on one RPC each; call
+them through `asyncio.to_thread` from async code.
+"""
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from . import kv_transfer_pb2 as pb
+from . import kv_transfer_pb2_grpc as pb_grpc
+from .completion import Completion
+from .cuda_ipc_transport import STAGING_BYTES, CudaIpcSendChannel, export_buffers
+from .errors import FailureKind, PeerLost, TransferAborted, TransferFailed, raise_for_status, transfer_failed
+from .frames import FrameHeader, pack_hello, tune
+from .host import host_id
+from .layout import KVLayout, RowKind
+from .nccl_transport import CHUNK_BYTES as NCCL_CHUNK_BYTES
+from .nccl_transport import SENDER_RANK, NcclSendChannel, create_group
+from .stats import SenderStats
+from .tcp_transport import CHUNK_BYTES as TCP_CHUNK_BYTES
+from .tcp_transport import TcpSendChannel
+from .transport import TRANSPORTS, Chunk, SendChannel
+
+log = logging.getLogger(__name__)
+
+Pools = tuple[list[torch.Tensor], dict[int, torch.Tensor]]
+_RETRY_S = 0.5
+
+
+@dataclass
+class _LayerJob:
+    transfer: "OutgoingTransfer"
+    layer: int
+    sources: dict[RowKind, torch.Tensor | None]  # None: read from the sender's pools
+    device: torch.device | None  # the GPU the rows come from, if any
+    ready: torch.cuda.Event | None  # recorded on the caller's stream after it produced the rows
+
+
+@dataclass
+class _CompleteJob:
+    transfer: "OutgoingTransfer"
+    completion: Completion
+    future: Future
+
+
+class OutgoingTransfer:
+    def __init__(self, sender: "KVSender", transfer_id: str, reply: pb.OpenTransferReply, src_block_ids):
+        self.sender = sender
+        self.transfer_id = transfer_id
+        self.key = reply.key
+        self.num_tokens = reply.num_tokens
+        self.start_token = reply.start_token  # rows sent are tokens [start_token, start_token + num_tokens)
+        self.lease_s = reply.lease_seconds
+        self.src_block_ids = src_block_ids
+        self.last_renewed = time.monotonic()
+        self.renew_at = self.last_renewed + self.lease_s / 3
+        self.failure: TransferFailed | None = None
+        self.completing = False
+        self.done = False
+
+    def send_layer(
+        self, layer: int, latent_rows: torch.Tensor | None = None, index_rows: torch.Tensor | None = None
+    ) -> None:
+        """Queue one layer: rows `[num_tokens, dim]` for tokens [start_token, start_token + num_tokens), or, with
+        no rows, read them from the sender's pools through `src_block_ids`. Raises if the transfer already failed."""
+        self._raise_if_failed()
+        if self.completing:
+            raise RuntimeError("send_layer after complete")
+        layout = self.sender.layout
+        if not 0 <= layer < layout.num_layers:
+            raise ValueError(f"layer {layer} outside [0, {layout.num_layers})")
+        has_index = layer in layout.index_layers
+        if latent_rows is None and index_rows is None:
+            if self.src_block_ids is None:
+                raise ValueError("no rows given and no src_block_ids to read them from the pools")
+            sources = dict.fromkeys(layout.kinds(layer))
+        else:
+            if latent_rows is None or (index_rows is None) == has_index:
+                need = "latent_rows and index_rows" if has_index else "latent_rows only"
+                raise ValueError(f"layer {layer} takes {need}")
+            sources = {RowKind.LATENT: latent_rows}
+            if has_index:
+                sources[RowKind.INDEX] = index_rows
+            for kind, rows in sources.items():
+                expected = (self.num_tokens, layout.row_dim(kind))
+                if tuple(rows.shape) != expected or rows.dtype != layout.dtype:
+                    raise ValueError(f"{kind.name.lower()} rows {tuple(rows.shape)} {rows.dtype}, want {expected}")
+        on_gpu = [t for t in sources.values() if t is not None and t.is_cuda]
+        if self.src_block_ids is not None and self.src_block_ids.is_cuda:
+            on_gpu.append(self.src_block_ids)
+        device = ready = None
+        if on_gpu:
+            device = on_gpu[0].device
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(device))
+        self.sender._submit(_LayerJob(self, layer, sources, device, ready))
+
+    def complete(
+        self,
+        first_token: int,
+        logprob: float,
+        top_logprobs: Sequence[tuple[int, float]] = (),
+        hidden: torch.Tensor | None = None,
+    ) -> Future:
+        """After every queued layer went out, hand over the first token and hidden state. The future resolves when
+        the receiver accepted it, or fails with `TransferFailed`."""
+        future: Future = Future()
+        if self.failure is not None:
+            future.set_exception(self.failure)
+            return future
+        self.completing = True
+        self.sender._submit(_CompleteJob(self, Completion(first_token, logprob, list(top_logprobs), hidden), future))
+        return future
+
+    def abort(self, reason: str = "aborted by the sender") -> None:
+        """Give up: queued chunks are skipped and the receiver fails the transfer."""
+        if self._fail(TransferAborted(reason)):
+            self.sender._rpc_abort(self.transfer_id, reason)
+
+    def _fail(self, error: TransferFailed) -> bool:
+        with self.sender._lock:
+            if self.failure is not None or self.done:
+                return False
+            self.failure = error
+            self.sender._transfers.pop(self.transfer_id, None)
+            self.sender.stats.transfers_failed += 1
+        log.warning(
+            "KV transfer %s failed on the sender side (%s): %s", self.transfer_id, error.kind.value, error.reason
+        )
+        return True
+
+    def _raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
+class KVSender:
+    def __init__(
+        self,
+        stub: pb_grpc.KVTransferStub,
+        channel: grpc.Channel,
+        layout: KVLayout,
+        pools: Pools | None,
+        rpc_timeout_s: float,
+    ):
+        self.layout = layout
+        self.pools = pools
+        self.stats = SenderStats()
+        self._stub = stub
+        self._channel = channel
+        self._rpc_timeout_s = rpc_timeout_s
+        self._lock = threading.Lock()
+        self._transfers: dict[str, OutgoingTransfer] = {}
+        self._jobs: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._renew_wakeup = threading.Event()
+        self._broken: TransferFailed | None = None
+        self._stream: torch.cuda.Stream | None = None
+        self.session_id = ""
+        self._sock: socket.socket | None = None
+        self._data: SendChannel | None = None
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        layout: KVLayout,
+        transport: str = "tcp",
+        pools: Pools | None = None,
+        rpc_timeout_s: float = 10.0,
+        chunk_bytes: int | None = None,
+        rendezvous_timeout_s: float = 60.0,
+    ) -> "KVSender":
+        """Handshake with the receiver at `address` and open the data plane. `pools` = (latent, index_keys) lets
+        `send_layer` read rows by block id (and, with cuda_ipc, lets the receiver read them in place)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
+        if pools is not None:
+            layout.check_pools(*pools)
+        channel = grpc.insecure_channel(address)
+        sender = cls(pb_grpc.KVTransferStub(channel), channel, layout, pools, rpc_timeout_s)
+        try:
+            sender._open_session(transport, chunk_bytes, rendezvous_timeout_s)
+        except BaseException:
+            sender.close()
+            raise
+        return sender
+
+    def _open_session(self, transport: str, chunk_bytes: int | None, rendezvous_timeout_s: float) -> None:
+        request = pb.HandshakeRequest(layout=self.layout.to_proto(), transport=transport, host_id=host_id())
+        staging = None
+        if transport == "cuda_ipc":
+            device = self.pools[0][0].device if self.pools else torch.device("cuda", torch.cuda.current_device())
+            staging = torch.empty(chunk_bytes or STAGING_BYTES, dtype=torch.uint8, device=device)
+            request.cuda_ipc.CopyFrom(export_buffers(staging, *(self.pools or (None, None))))
+        reply = self._stub.Handshake(request, timeout=self._rpc_timeout_s)
+        if not reply.accepted:
+            raise ConnectionError(f"KV receiver refused the handshake: {reply.error}")
+        self.session_id = reply.session_id
+        self._sock = socket.create_connection((reply.data_host, reply.data_port), timeout=self._rpc_timeout_s)
+        self._sock.settimeout(None)
+        tune(self._sock)
+        self._sock.sendall(pack_hello(self.session_id))
+        if transport == "tcp":
+            self._data = TcpSendChannel(self._sock, chunk_bytes or TCP_CHUNK_BYTES)
+        elif transport == "cuda_ipc":
+            self._data = CudaIpcSendChannel(self._sock, staging, exported_pools=self.pools is not None)
+        else:
+            timeout = timedelta(seconds=rendezvous_timeout_s)
+            store = dist.TCPStore(reply.store_host, reply.store_port, is_master=False, timeout=timeout)
+            group = create_group(store, self.session_id, SENDER_RANK, reply.nccl_backend, rendezvous_timeout_s)
+            device = self._nccl_device(reply.nccl_backend)
+            self._data = NcclSendChannel(self._sock, group, device, chunk_bytes or NCCL_CHUNK_BYTES)
+        self._threads = [
+            threading.Thread(target=self._send_loop, name="kvtransfer-send", daemon=True),
+            threading.Thread(target=self._renew_loop, name="kvtransfer-renew", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        log.info("KV sender connected (session %s, %s)", self.session_id, transport)
+
+    def _nccl_device(self, backend: str) -> torch.device:
+        if backend == "gloo":
+            return torch.device("cpu")
+        if self.pools is not None and self.pools[0][0].is_cuda:
+            return self.pools[0][0].device
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def open_transfer(self, transfer_id: str, src_block_ids: Sequence[int] | torch.Tensor | None = None):
+        """Attach to a transfer the receiver registered. `src_block_ids`: this sender's block table of the sequence
+        (token t in block src_block_ids[t // block_size]), to send layers straight from the pools."""
+        if self._broken is not None:
+            raise self._broken
+        if src_block_ids is not None:
+            if self.pools is None:
+                raise ValueError("src_block_ids needs the sender to be connected with pools")
+            src_block_ids = torch.as_tensor(src_block_ids, dtype=torch.int64, device=self.pools[0][0].device)
+        reply = self._stub.OpenTransfer(
+            pb.OpenTransferRequest(session_id=self.session_id, transfer_id=transfer_id), timeout=self._rpc_timeout_s
+        )
+        raise_for_status(reply.status)
+        end = reply.start_token + reply.num_tokens
+        needed = -(-end // self.layout.block_size)
+        if src_block_ids is not None and src_block_ids.numel() < needed:
+            reason = f"src_block_ids has {src_block_ids.numel()} blocks, tokens up to {end} need {needed}"
+            self._rpc_abort(transfer_id, reason)
+            raise ValueError(reason)
+        transfer = OutgoingTransfer(self, transfer_id, reply, src_block_ids)
+        with self._lock:
+            self._transfers[transfer_id] = transfer
+            self.stats.transfers_opened += 1
+        self._renew_wakeup.set()
+        return transfer
+
+    def close(self) -> None:
+        """Stop the threads and hang up; transfers still open fail on both sides."""
+        self._break(TransferFailed("the KV sender was closed", FailureKind.CLOSED))
+        self._stop.set()
+        self._renew_wakeup.set()
+        self._jobs.put(None)
+        for thread in getattr(self, "_threads", []):
+            thread.join(timeout=5.0)
+        if self._data is not None:
+            self._data.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._channel.close()
+
+    def __enter__(self) -> "KVSender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- worker threads -------------------------------------------------------------------------------------------
+
+    def _submit(self, job) -> None:
+        if self._broken is not None:
+            raise self._broken
+        self._jobs.put(job)
+
+    def _send_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            transfer = job.transfer
+            try:
+                transfer._raise_if_failed()
+                if self._broken is not None:
+                    raise self._broken
+                if isinstance(job, _LayerJob):
+                    self._send_layer(job)
+                else:
+                    self._complete(job)
+            except TransferFailed as e:
+                transfer._fail(e)
+                if isinstance(job, _CompleteJob):
+                    job.future.set_exception(transfer.failure)
+            except Exception as e:  # the data plane or the receiver is gone: every open transfer fails
+                self._break(PeerLost(f"lost the receiver: {e}"))
+                transfer._fail(self._broken)
+                if isinstance(job, _CompleteJob):
+                    job.future.set_exception(transfer.failure)
+
+    def _send_layer(self, job: _LayerJob) -> None:
+        if job.ready is None:
+            self._send_chunks(job)
+            return
+        job.ready.synchronize()
+        if self._stream is None:  # gathers on a side stream: the caller's stream is busy with later layers
+            self._stream = torch.cuda.Stream(job.device)
+        with torch.cuda.stream(self._stream):
+            self._send_chunks(job)
+
+    def _send_chunks(self, job: _LayerJob) -> None:
+        transfer, layout = job.transfer, self.layout
+        for kind, rows in job.sources.items():
+            pool = None
+            if rows is None:
+                latent, index_keys = self.pools
+                pool = latent[job.layer] if kind == RowKind.LATENT else index_keys[job.layer]
+            chunk_tokens = max(1, self._data.max_chunk_bytes // (layout.row_dim(kind) * layout.dtype.itemsize))
+            for offset in range(0, transfer.num_tokens, chunk_tokens):
+                transfer._raise_if_failed()  # an abort or a lost lease stops a layer midway
+                count = min(chunk_tokens, transfer.num_tokens - offset)
+                header = FrameHeader(transfer.key, job.layer, kind, offset, count)
+                if pool is None:
+                    chunk = Chunk(header, rows=rows[offset : offset + count])
+                else:
+                    first = transfer.start_token + offset
+                    chunk = Chunk(header, pool=pool, block_ids=transfer.src_block_ids, first_token=first)
+                began = time.perf_counter()
+                nbytes = self._data.send(chunk)
+                with self._lock:
+                    self.stats.bytes_sent += nbytes
+                    self.stats.send_seconds += time.perf_counter() - began
+
+    def _complete(self, job: _CompleteJob) -> None:
+        transfer = job.transfer
+        status = self._stub.Complete(job.completion.to_proto(transfer.transfer_id), timeout=self._rpc_timeout_s)
+        raise_for_status(status)
+        with self._lock:
+            transfer.done = True
+            self._transfers.pop(transfer.transfer_id, None)
+            self.stats.transfers_completed += 1
+        job.future.set_result(None)
+
+    def _break(self, error: TransferFailed) -> None:
+        """The session is unusable: fail every open transfer; later calls raise `error`."""
+        with self._lock:
+            if self._broken is None:
+                self._broken = error
+            transfers = list(self._transfers.values())
+        if transfers:
+            log.warning("KV sender session %s ends with %d open transfers: %s", self.session_id, len(transfers), error)
+        for transfer in transfers:
+            transfer._fail(error)
+
+    def _renew_loop(self) -> None:
+        """Renew every open lease in one RPC whenever one of them is a third of the way to expiry."""
+        while not self._stop.is_set():
+            with self._lock:
+                transfers = [t for t in self._transfers.values() if t.failure is None]
+            now = time.monotonic()
+            next_at = min((t.renew_at for t in transfers), default=now + 1.0)
+            if next_at > now:
+                self._renew_wakeup.wait(next_at - now)  # open_transfer wakes us: a new lease may be shorter
+                self._renew_wakeup.clear()
+                continue
+            self._renew(transfers)
+
+    def _renew(self, transfers: list[OutgoingTransfer]) -> None:
+        request = pb.RenewLeaseRequest(transfer_ids=[t.transfer_id for t in transfers])
+        try:
+            reply = self._stub.RenewLease(request, timeout=self._rpc_timeout_s)
+        except grpc.RpcError as e:
+            now = time.monotonic()
+            for transfer in transfers:  # past its lease the receiver has given the transfer up anyway
+                if now - transfer.last_renewed > transfer.lease_s:
+                    transfer._fail(PeerLost(f"cannot reach the receiver to renew the lease: {e.code()}"))
+                transfer.renew_at = now + min(transfer.lease_s / 3, _RETRY_S)
+            return
+        now = time.monotonic()
+        for transfer, status in zip(transfers, reply.statuses, strict=True):
+            if status.failure == pb.NONE:
+                transfer.last_renewed = now
+                transfer.renew_at = now + transfer.lease_s / 3
+            else:
+                transfer._fail(transfer_failed(FailureKind.from_proto(status.failure), status.reason))
+
+    def _rpc_abort(self, transfer_id: str, reason: str) -> None:
+        try:
+            self._stub.Abort(pb.AbortRequest(transfer_id=transfer_id, reason=reason), timeout=self._rpc_timeout_s)
+        except grpc.RpcError as e:  # the receiver's lease will expire instead
+            log.warning("could not tell the receiver that %s was aborted: %s", transfer_id, e.code())

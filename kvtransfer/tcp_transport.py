@@ -1,0 +1,53 @@
+"""`tcp`: the rows follow their header on the session socket as raw bytes. Works between any two hosts."""
+
+import socket
+from dataclasses import replace
+
+import torch
+
+from .frames import FrameHeader, recv_into_exact
+from .layout import KVLayout
+from .transport import Chunk, Land, ReceiveChannel, SendChannel
+
+CHUNK_BYTES = 8 << 20  # big enough to amortize the header and the per-chunk index ops, small enough to pipeline
+
+
+def expected_bytes(layout: KVLayout, header: FrameHeader) -> int:
+    return header.count * layout.row_dim(header.kind) * layout.dtype.itemsize
+
+
+class TcpSendChannel(SendChannel):
+    def __init__(self, sock: socket.socket, chunk_bytes: int = CHUNK_BYTES):
+        self.sock = sock
+        self.max_chunk_bytes = chunk_bytes
+
+    def send(self, chunk: Chunk) -> int:
+        rows = chunk.materialize().cpu()
+        payload = rows.view(torch.uint8).numpy()
+        header = replace(chunk.header, extra=payload.nbytes)
+        self.sock.sendall(header.pack())
+        self.sock.sendall(payload)
+        return payload.nbytes
+
+    def close(self) -> None:
+        """Nothing beyond the socket."""
+
+
+class TcpReceiveChannel(ReceiveChannel):
+    def __init__(self, sock: socket.socket, layout: KVLayout):
+        super().__init__(sock)
+        self.layout = layout
+        self.buffer = torch.empty(0, dtype=torch.uint8)  # reused across chunks; rows are copied out before the next
+
+    def receive(self, header: FrameHeader, land: Land) -> None:
+        nbytes = expected_bytes(self.layout, header)
+        if header.extra != nbytes:
+            raise ConnectionError(f"frame carries {header.extra} bytes, {header.count} rows need {nbytes}")
+        if self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        payload = self.buffer[:nbytes]
+        recv_into_exact(self.sock, memoryview(payload.numpy()))
+        land(header, payload.view(self.layout.dtype).view(header.count, -1))
+
+    def close(self) -> None:
+        """Every chunk was landed as it arrived; nothing else is held."""
