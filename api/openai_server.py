@@ -10,13 +10,14 @@ from pydantic import ValidationError
 
 from glmserve.decode.outputs import CompletionDelta, RequestOutput
 from glmserve.decode.request import EngineRequest
+from glmserve.decode.server import RemotePrefillFailed
 from glmserve.decode.validation import InvalidRequest, validate_request
 from glmserve.model.chat_template import ChatTemplateError
 from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
 
 from .chat_assembler import ChoiceAssembler, chat_logprobs, finish_reason
-from .errors import APIError, InvalidRequestError, ModelNotFoundError, from_validation_error
+from .errors import APIError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError, from_validation_error
 from .metrics import Metrics
 from .request_models import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .response_models import (
@@ -143,6 +144,8 @@ class OpenAIServer:
                 yield out
         except InvalidRequest as e:
             raise InvalidRequestError(str(e), param=e.param) from None
+        except RemotePrefillFailed as e:
+            raise ServiceUnavailableError(str(e).splitlines()[-1], retry_after=1) from None
 
     # ---- /v1/chat/completions ----
     async def chat(self, raw: bytes) -> ChatCompletion | AsyncIterator[str]:
