@@ -75,6 +75,7 @@ class DecodeServer:
             prefill=(lambda request: prefill.prefill.remote(request)) if prefill is not None else None,
             local_prefill_threshold=config.local_prefill_threshold,
             lease_s=config.kv_transfer.lease_s,
+            timeout_s=config.kv_transfer.timeout_s,
             on_failure=config.kv_transfer.on_failure,
             host=ray.util.get_node_ip_address() if config.host not in ("127.0.0.1", "localhost") else "127.0.0.1",
         )

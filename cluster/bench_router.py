@@ -27,8 +27,9 @@ async def _time_direct(handle, prompt: list[int], n: int) -> np.ndarray:
     stream = handle.options(stream=True)
     for i in range(n):
         t0 = time.perf_counter()
-        request = EngineRequest(request_id=f"direct-{i}", prompt_token_ids=prompt,
-                                params=SamplingParams(temperature=0, max_tokens=1))
+        request = EngineRequest(
+            request_id=f"direct-{i}", prompt_token_ids=prompt, params=SamplingParams(temperature=0, max_tokens=1)
+        )
         async for _ in stream.generate.remote(request):
             pass
         out[i] = time.perf_counter() - t0
@@ -40,8 +41,7 @@ async def _time_http(base: str, prompt: list[int], n: int) -> np.ndarray:
     async with httpx.AsyncClient(timeout=60) as client:
         for i in range(n):
             t0 = time.perf_counter()
-            r = await client.post(f"{base}/v1/completions",
-                                  json={"prompt": prompt, "max_tokens": 1, "temperature": 0})
+            r = await client.post(f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": 1, "temperature": 0})
             r.raise_for_status()
             out[i] = time.perf_counter() - t0
     return out

@@ -37,6 +37,7 @@ class TransferConfig(BaseModel):
 
     transport: Literal["tcp", "cuda_ipc", "nccl"] = "tcp"
     lease_s: float = Field(30, gt=0)  # a transfer not renewed within this is failed and its blocks freed
+    timeout_s: float = Field(600, gt=0)  # a transfer not finished within this is given up (stuck but alive peer)
     on_failure: Literal["recompute", "fail"] = "recompute"
 
 

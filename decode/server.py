@@ -42,6 +42,7 @@ class DecodeWorker:
         prefill: PrefillCall | None = None,
         local_prefill_threshold: int = 256,
         lease_s: float = 30.0,
+        timeout_s: float = 600.0,
         on_failure: Literal["recompute", "fail"] = "recompute",
         host: str = "127.0.0.1",
     ):
@@ -50,6 +51,7 @@ class DecodeWorker:
         self.prefill = prefill
         self.threshold = local_prefill_threshold
         self.lease_s = lease_s
+        self.timeout_s = timeout_s
         self.on_failure = on_failure
         self.receiver = None
         if prefill is not None:
@@ -94,10 +96,7 @@ class DecodeWorker:
             )
         )
         try:
-            await asyncio.wait({arrived, call}, return_when=asyncio.FIRST_COMPLETED)
-            if not arrived.done() and call.done() and call.exception() is not None:
-                # the prefill worker failed before sending everything: stop waiting for its lease to run out
-                self.receiver.abort(rid, f"prefill call failed: {call.exception()!r}")
+            await self._wait_for_kv(rid, arrived, call)
             completion: Completion = await arrived
         except TransferFailed as e:
             return await self._fall_back(rid, e)
@@ -111,6 +110,25 @@ class DecodeWorker:
         entry = self._logprob_entry(completion, request)
         engine = self.engine
         return await self.async_engine.submit(lambda: engine.complete_remote(rid, completion.first_token, entry))
+
+    async def _wait_for_kv(self, rid: str, arrived: asyncio.Future, call: asyncio.Future) -> None:
+        """Until the KV has landed, the transfer failed, or it must be given up: the prefill call failed (no need
+        to wait for its lease to lapse), or `timeout_s` passed (a prefill worker that is alive, so it renews its
+        lease, but stuck)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        pending = {arrived, call}
+        while not arrived.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self.receiver.abort(rid, f"no KV cache after {self.timeout_s:g} s")
+                return
+            done, _ = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if call in done:
+                pending.discard(call)
+                if call.exception() is not None and not arrived.done():
+                    self.receiver.abort(rid, f"prefill call failed: {call.exception()!r}")
+                    return
 
     async def _fall_back(self, rid: str, error: TransferFailed) -> None:
         log.warning("remote prefill of %s failed (%s); %s", rid, error, self.on_failure)

@@ -19,7 +19,8 @@ import torch
 
 from . import kv_transfer_pb2 as pb
 from .frames import FrameHeader, recv_exact
-from .layout import KVLayout, RowKind, flat, token_rows
+from .layout import KVLayout, RowKind
+from .paged_rows import read_rows
 from .transport import Chunk, Land, ReceiveChannel, SendChannel
 
 STAGING_BYTES = 256 << 20
@@ -140,7 +141,7 @@ class CudaIpcReceiveChannel(ReceiveChannel):
         else:
             pool = self.peer.pool(header.layer, header.kind)
             blocks = torch.from_numpy(np.frombuffer(descriptor, np.int64, offset=_DESCRIPTOR.size).copy())
-            rows = flat(pool)[token_rows(blocks.to(self.device), first, header.count, pool.shape[1])]
+            rows = read_rows(pool, blocks.to(self.device), first, header.count)
         land(header, rows)
         torch.cuda.current_stream(self.device).synchronize()  # done reading the sender's memory
         self.sock.sendall(ACK)

@@ -15,7 +15,8 @@ import torch
 from .completion import Completion
 from .errors import FailureKind, TransferFailed
 from .frames import FrameHeader
-from .layout import KVLayout, RowKind, flat
+from .layout import KVLayout, RowKind
+from .paged_rows import write_rows
 
 
 class State(Enum):
@@ -32,8 +33,9 @@ class IncomingTransfer:
         layout: KVLayout,
         latent: list[torch.Tensor],
         index_keys: dict[int, torch.Tensor],
-        dst_rows: torch.Tensor,
+        dst_block_ids: torch.Tensor,
         start_token: int,
+        num_tokens: int,
         lease_s: float,
     ):
         self.transfer_id = transfer_id
@@ -41,8 +43,8 @@ class IncomingTransfer:
         self.layout = layout
         self.pools = {(layer, RowKind.LATENT): pool for layer, pool in enumerate(latent)}
         self.pools.update({(layer, RowKind.INDEX): pool for layer, pool in index_keys.items()})
-        self.dst_rows = dst_rows  # flat pool row of each transferred token, on the pools' device
-        self.num_tokens = dst_rows.numel()
+        self.dst_block_ids = dst_block_ids  # the sequence's block table, on the pools' device
+        self.num_tokens = num_tokens
         self.start_token = start_token
         self.lease_s = lease_s
         self.registered_at = time.monotonic()
@@ -61,13 +63,13 @@ class IncomingTransfer:
 
     def write(self, header: FrameHeader, rows: torch.Tensor) -> bool | None:
         """Land one chunk. None: dropped (the transfer is no longer live). True: that was the last piece."""
-        rows = rows.to(self.dst_rows.device)  # before the lock: the copy from host can be slow
+        rows = rows.to(self.dst_block_ids.device)  # before the lock: the copy from host can be slow
         with self.lock:
             if self.state is not State.LIVE:
                 return None
             self._check(header, rows)
             pool = self.pools[(header.layer, header.kind)]
-            flat(pool).index_copy_(0, self.dst_rows[header.offset : header.offset + header.count], rows)
+            write_rows(pool, self.dst_block_ids, self.start_token + header.offset, rows)
             if pool.is_cuda:  # the write must be finished before a failure or completion can be reported
                 torch.cuda.current_stream(pool.device).synchronize()
             self.landed[(header.layer, header.kind)] += header.count

@@ -1,8 +1,7 @@
-"""The paged KV cache as the transfer service sees it, and the index arithmetic from tokens to pool rows.
+"""The paged KV cache as the transfer service sees it.
 
 Per layer `l` a latent pool `[num_blocks, block_size, latent_dim]`, and on indexer layers an index-key pool
-`[num_blocks, block_size, index_dim]`. Token `t` of a sequence lives in block `block_ids[t // block_size]`, slot
-`t % block_size`, i.e. row `block_ids[t // block_size] * block_size + t % block_size` of the flattened pool.
+`[num_blocks, block_size, index_dim]`; all of one dtype and device. Fields match `glmserve.model.kv_cache.KVCacheSpec`.
 """
 
 from dataclasses import dataclass
@@ -99,14 +98,3 @@ def parse_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dtype
-
-
-def token_rows(block_ids: torch.Tensor, first_token: int, count: int, block_size: int) -> torch.Tensor:
-    """Flat pool rows of tokens [first_token, first_token + count) of a sequence with block table `block_ids`."""
-    tokens = torch.arange(first_token, first_token + count, device=block_ids.device)
-    return block_ids[tokens // block_size] * block_size + tokens % block_size
-
-
-def flat(pool: torch.Tensor) -> torch.Tensor:
-    """[num_blocks, block_size, dim] -> [num_blocks * block_size, dim] (a view)."""
-    return pool.view(-1, pool.shape[-1])

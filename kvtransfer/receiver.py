@@ -42,7 +42,7 @@ from .errors import (
 from .frames import ConnectionClosed, FrameHeader, read_header, read_hello, tune
 from .host import host_id
 from .incoming_transfer import IncomingTransfer, State
-from .layout import KVLayout, token_rows
+from .layout import KVLayout
 from .nccl_transport import RECEIVER_RANK, NcclReceiveChannel, backend_for, create_group
 from .stats import ReceiverStats
 from .tcp_transport import TcpReceiveChannel
@@ -137,7 +137,6 @@ class KVReceiver:
         touched = dst[start_token // bs : -(-(start_token + num_tokens) // bs)]
         if touched.numel() and (touched.min() < 0 or touched.max() >= self.num_blocks):
             raise ValueError(f"destination blocks must lie in [0, {self.num_blocks})")
-        dst_rows = token_rows(dst.to(self.device), start_token, num_tokens, bs)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the KV receiver is closed")
@@ -145,7 +144,15 @@ class KVReceiver:
                 raise ValueError(f"transfer {transfer_id!r} is already registered")
             self._failed.pop(transfer_id, None)
             transfer = IncomingTransfer(
-                transfer_id, next(self._keys), self.layout, self.latent, self.index_keys, dst_rows, start_token, lease_s
+                transfer_id,
+                next(self._keys),
+                self.layout,
+                self.latent,
+                self.index_keys,
+                dst.to(self.device),
+                start_token,
+                num_tokens,
+                lease_s,
             )
             self._transfers[transfer_id] = transfer
             self._by_key[transfer.key] = transfer

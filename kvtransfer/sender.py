@@ -6,9 +6,10 @@
     transfer.complete(first_token, logprob, top_logprobs, hidden).result()   # or: await asyncio.wrap_future(...)
 
 `send_layer` only queues: one worker thread per sender moves chunks in order, so a layer's tensors (or the source
-blocks) must stay unchanged until `complete()`'s future resolves. A background thread renews the leases of open
-transfers and learns when the receiver has given one up. `connect` and `open_transfer` block on one RPC each; call
-them through `asyncio.to_thread` from async code.
+blocks) must stay unchanged until `complete()`'s future resolves. A background thread renews the leases of transfers
+that make progress (send_layer, keepalive, chunks going out) and learns when the receiver gave one up; a transfer idle
+for a whole lease is no longer renewed, so a hung prefill loses its lease even though its process is alive.
+`connect` and `open_transfer` block on one RPC each; call them through `asyncio.to_thread` from async code.
 """
 
 import logging
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 Pools = tuple[list[torch.Tensor], dict[int, torch.Tensor]]
 _RETRY_S = 0.5
+_IDLE_POLL_S = 1.0
 
 
 @dataclass
@@ -71,7 +73,7 @@ class OutgoingTransfer:
         self.start_token = reply.start_token  # rows sent are tokens [start_token, start_token + num_tokens)
         self.lease_s = reply.lease_seconds
         self.src_block_ids = src_block_ids
-        self.last_renewed = time.monotonic()
+        self.last_renewed = self.last_active = time.monotonic()
         self.renew_at = self.last_renewed + self.lease_s / 3
         self.failure: TransferFailed | None = None
         self.completing = False
@@ -85,6 +87,7 @@ class OutgoingTransfer:
         self._raise_if_failed()
         if self.completing:
             raise RuntimeError("send_layer after complete")
+        self.last_active = time.monotonic()
         layout = self.sender.layout
         if not 0 <= layer < layout.num_layers:
             raise ValueError(f"layer {layer} outside [0, {layout.num_layers})")
@@ -128,8 +131,15 @@ class OutgoingTransfer:
             future.set_exception(self.failure)
             return future
         self.completing = True
+        self.last_active = time.monotonic()
         self.sender._submit(_CompleteJob(self, Completion(first_token, logprob, list(top_logprobs), hidden), future))
         return future
+
+    def keepalive(self) -> None:
+        """Say the prefill is still working on this request (call it each engine step while no layer is ready yet:
+        leases are only renewed for transfers active within the last lease)."""
+        self._raise_if_failed()
+        self.last_active = time.monotonic()
 
     def abort(self, reason: str = "aborted by the sender") -> None:
         """Give up: queued chunks are skipped and the receiver fails the transfer."""
@@ -348,6 +358,7 @@ class KVSender:
                     chunk = Chunk(header, pool=pool, block_ids=transfer.src_block_ids, first_token=first)
                 began = time.perf_counter()
                 nbytes = self._data.send(chunk)
+                transfer.last_active = time.monotonic()  # a long layer on a slow link is progress too
                 with self._lock:
                     self.stats.bytes_sent += nbytes
                     self.stats.send_seconds += time.perf_counter() - began
@@ -374,17 +385,21 @@ class KVSender:
             transfer._fail(error)
 
     def _renew_loop(self) -> None:
-        """Renew every open lease in one RPC whenever one of them is a third of the way to expiry."""
+        """Renew the leases of working transfers in one RPC whenever one is a third of the way to expiry. A transfer
+        idle for a whole lease (no send_layer, keepalive or chunk sent) is left to expire: its prefill is stuck."""
         while not self._stop.is_set():
-            with self._lock:
-                transfers = [t for t in self._transfers.values() if t.failure is None]
             now = time.monotonic()
-            next_at = min((t.renew_at for t in transfers), default=now + 1.0)
+            with self._lock:
+                working = [
+                    t for t in self._transfers.values() if t.failure is None and now - t.last_active <= t.lease_s
+                ]
+            next_at = min((t.renew_at for t in working), default=now + _IDLE_POLL_S)
             if next_at > now:
-                self._renew_wakeup.wait(next_at - now)  # open_transfer wakes us: a new lease may be shorter
+                # open_transfer wakes us (a new lease may be shorter); the cap notices transfers going idle
+                self._renew_wakeup.wait(min(next_at - now, _IDLE_POLL_S))
                 self._renew_wakeup.clear()
                 continue
-            self._renew(transfers)
+            self._renew(working)
 
     def _renew(self, transfers: list[OutgoingTransfer]) -> None:
         request = pb.RenewLeaseRequest(transfer_ids=[t.transfer_id for t in transfers])

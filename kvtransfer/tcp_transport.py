@@ -20,9 +20,17 @@ class TcpSendChannel(SendChannel):
     def __init__(self, sock: socket.socket, chunk_bytes: int = CHUNK_BYTES):
         self.sock = sock
         self.max_chunk_bytes = chunk_bytes
+        self.buffer = torch.empty(0, dtype=torch.uint8)  # CPU pools gather into it: no fresh pages per chunk
 
     def send(self, chunk: Chunk) -> int:
-        rows = chunk.materialize().cpu()
+        if chunk.pool is not None and not chunk.pool.is_cuda:
+            dim, dtype = chunk.pool.shape[2], chunk.pool.dtype
+            nbytes = chunk.header.count * dim * dtype.itemsize
+            if self.buffer.numel() < nbytes:
+                self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+            rows = chunk.materialize(out=self.buffer[:nbytes].view(dtype).view(-1, dim))
+        else:
+            rows = chunk.materialize().cpu()
         payload = rows.view(torch.uint8).numpy()
         header = replace(chunk.header, extra=payload.nbytes)
         self.sock.sendall(header.pack())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .frames import FrameHeader
-from .layout import flat, token_rows
+from .paged_rows import read_rows
 
 TRANSPORTS = ("tcp", "nccl", "cuda_ipc")
 
@@ -31,12 +31,11 @@ class Chunk:
     block_ids: torch.Tensor | None = None
     first_token: int = 0  # pools mode: position of the chunk's first token in the sequence
 
-    def materialize(self) -> torch.Tensor:
-        """The rows as one contiguous tensor on the source's device."""
+    def materialize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows as one contiguous tensor on the source's device (read from the pool into `out` if given)."""
         if self.rows is not None:
             return self.rows.contiguous()
-        rows = token_rows(self.block_ids, self.first_token, self.header.count, self.pool.shape[1])
-        return flat(self.pool)[rows]
+        return read_rows(self.pool, self.block_ids, self.first_token, self.header.count, out)
 
 
 class SendChannel(ABC):

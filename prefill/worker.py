@@ -16,7 +16,8 @@ import torch
 from glmserve.decode.async_engine import AsyncEngine
 from glmserve.decode.engine import LLMEngine
 from glmserve.decode.engine_args import EngineArgs
-from glmserve.kvtransfer.layout import KVLayout, flat, token_rows
+from glmserve.kvtransfer.layout import KVLayout
+from glmserve.kvtransfer.paged_rows import read_rows
 from glmserve.kvtransfer.sender import KVSender, OutgoingTransfer
 from glmserve.model.model_runner import StepInputs
 
@@ -81,10 +82,13 @@ class PrefillWorker:
                 continue  # not ours, or not the prompt's last chunk yet
             t = out.transfer
             table = torch.tensor(chunk.block_table, dtype=torch.int64, device=self.latent[0].device)
-            rows = token_rows(table, t.start_token, t.num_tokens, self.layout.block_size)
             # Copies: the sender goes on in its own thread while this sequence's blocks may be freed and reused.
-            latent = flat(self.latent[layer])[rows].clone()
-            index = flat(self.index_keys[layer])[rows].clone() if layer in self.index_keys else None
+            latent = read_rows(self.latent[layer], table, t.start_token, t.num_tokens)
+            index = (
+                read_rows(self.index_keys[layer], table, t.start_token, t.num_tokens)
+                if layer in self.index_keys
+                else None
+            )
             try:
                 t.send_layer(layer, latent, index)
             except Exception:  # the decode side gave up (lease, abort): prefill finishes, nothing more is sent
