@@ -6,6 +6,7 @@ Plain Python: `cluster/app.py` wraps it as the Ray Serve `PrefillServer` deploym
 """
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ import torch
 from glmserve.decode.async_engine import AsyncEngine
 from glmserve.decode.engine import LLMEngine
 from glmserve.decode.engine_args import EngineArgs
+from glmserve.kvtransfer.errors import TransferFailed
 from glmserve.kvtransfer.layout import KVLayout
 from glmserve.kvtransfer.paged_rows import read_rows
 from glmserve.kvtransfer.sender import KVSender, OutgoingTransfer
@@ -76,6 +78,11 @@ class PrefillWorker:
         """A layer's KV was written: send it for every transfer whose prompt is now complete in that layer."""
         if layer >= self.layout.num_layers or not self._outgoing:
             return
+        if layer == 0:
+            # Leases are renewed only on progress; a prompt still queued or in its early chunks shows it here.
+            for out in list(self._outgoing.values()):
+                with contextlib.suppress(TransferFailed):  # the decode side gave up; prefill() notices at the end
+                    out.transfer.keepalive()
         for chunk in step.chunks:
             out = self._outgoing.get(chunk.request_id)
             if out is None or chunk.start_pos + len(chunk.token_ids) != out.prompt_len:
@@ -89,10 +96,8 @@ class PrefillWorker:
                 if layer in self.index_keys
                 else None
             )
-            try:
+            with contextlib.suppress(TransferFailed):  # the decode side gave up: nothing more is sent
                 t.send_layer(layer, latent, index)
-            except Exception:  # the decode side gave up (lease, abort): prefill finishes, nothing more is sent
-                log.debug("send_layer failed for %s", chunk.request_id, exc_info=True)
 
     def _on_hidden(self, request_id: str, hidden: torch.Tensor) -> None:
         out = self._outgoing.get(f"{request_id}#0")
