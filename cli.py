@@ -39,6 +39,13 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_kvtransfer(args: argparse.Namespace) -> int:
+    from glmserve.kvtransfer.bench import run_bench
+
+    run_bench(args)
+    return 0
+
+
 def _bench_router(args: argparse.Namespace) -> int:
     from glmserve.cluster.bench_router import run_bench_router
 
@@ -78,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server: TTFT/TPOT/ITL/E2E, goodput")
     add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=_bench_serve)
+    from glmserve.kvtransfer.bench import add_bench_args as add_kvtransfer_args
+
+    kvt = bench.add_parser("kvtransfer", help="KV transfer throughput (tcp loopback; cuda_ipc vs the copy ceiling)")
+    add_kvtransfer_args(kvt)
+    kvt.set_defaults(func=_bench_kvtransfer)
     router = bench.add_parser("router", help="latency the OpenAI router adds over calling decode directly")
     router.add_argument("--num-requests", type=int, default=200)
     router.add_argument("--port", type=int, default=8123)

@@ -155,16 +155,16 @@ def _drain(results) -> str:
     return "" if results.empty() else str(results.get())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", choices=("tcp", "nccl", "cuda_ipc"), default="tcp")
     parser.add_argument("--gib", type=float, default=1.0, help="bytes to move, GiB")
     parser.add_argument("--device", default=None, help="pools' device (default: cpu for tcp, cuda:0 otherwise)")
     parser.add_argument(
         "--json", type=Path, default=None, help="result file (default: ./kvtransfer-bench-TRANSPORT.json)"
     )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def run_bench(args: argparse.Namespace) -> dict:
     total = int(args.gib * (1 << 30))
     device = args.device or ("cpu" if args.transport == "tcp" else "cuda:0")
     if args.transport == "cuda_ipc":
@@ -182,6 +182,14 @@ def main() -> None:
         ceiling, fraction = result["copy_ceiling_gb_s"], result["fraction_of_ceiling"]
         print(f"device copy ceiling {ceiling:.1f} GB/s; the transfer reaches {fraction:.1%} of it")
     print(f"wrote {out}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_args(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_bench(parser.parse_args())
 
 
 if __name__ == "__main__":
