@@ -113,13 +113,13 @@ class NcclReceiveChannel(ReceiveChannel):
             )
             try:
                 wait_work(self.group.recv([rows], SENDER_RANK, 0), self.backend, self.stopped.is_set)
+                land(header, rows)
             except Exception as e:  # the peer died or the session closed: end the session, its transfers fail
                 if not self.stopped.is_set():
                     log.warning("point-to-point receive failed, closing the session: %s", e)
                     with contextlib.suppress(OSError):
                         self.sock.shutdown(socket.SHUT_RDWR)
                 return
-            land(header, rows)
 
     def close(self) -> None:
         """Land what the sender finished sending, then give up on the rest."""

@@ -59,7 +59,6 @@ class _Session:
     transport: str
     peer: PeerBuffers | None = None  # cuda_ipc: the sender's memory, mapped at handshake
     sock: socket.socket | None = None
-    closed: bool = False
 
 
 class KVReceiver:
@@ -280,10 +279,11 @@ class KVReceiver:
             conn.settimeout(self.rendezvous_timeout_s)
             session_id = read_hello(conn)
             with self._lock:
-                session = self._sessions.get(session_id)
-                if session is None or session.sock is not None:
+                found = self._sessions.get(session_id)
+                if found is None or found.sock is not None:
                     raise ConnectionError(f"no handshake for session {session_id!r} (or it is attached already)")
-                session.sock = conn
+                found.sock = conn
+                session = found
             channel = self._open_channel(session, conn)
             conn.settimeout(None)
             log.info("KV sender %s attached (session %s, %s)", peer, session.session_id, session.transport)
@@ -313,7 +313,6 @@ class KVReceiver:
 
     def _end_session(self, session: _Session, reason: str) -> None:
         with self._lock:
-            session.closed = True
             self._sessions.pop(session.session_id, None)
             orphans = [t for t in self._transfers.values() if t.session_id == session.session_id]
         for transfer in orphans:

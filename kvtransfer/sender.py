@@ -126,6 +126,8 @@ class OutgoingTransfer:
     ) -> Future:
         """After every queued layer went out, hand over the first token and hidden state. The future resolves when
         the receiver accepted it, or fails with `TransferFailed`."""
+        if self.completing:
+            raise RuntimeError("complete called twice")
         future: Future = Future()
         if self.failure is not None:
             future.set_exception(self.failure)
@@ -220,6 +222,8 @@ class KVSender:
         staging = None
         if transport == "cuda_ipc":
             device = self.pools[0][0].device if self.pools else torch.device("cuda", torch.cuda.current_device())
+            if device.type != "cuda":
+                raise ValueError("cuda_ipc needs the sender's pools on a GPU")
             staging = torch.empty(chunk_bytes or STAGING_BYTES, dtype=torch.uint8, device=device)
             request.cuda_ipc.CopyFrom(export_buffers(staging, *(self.pools or (None, None))))
         reply = self._stub.Handshake(request, timeout=self._rpc_timeout_s)

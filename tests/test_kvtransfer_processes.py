@@ -193,6 +193,21 @@ def test_cuda_ipc_transfer_is_bit_exact():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL cannot pair two ranks on one GPU")
+def test_nccl_transfer_between_two_gpus_is_bit_exact():
+    with make_receiver("nccl", device="cuda:0") as receiver:
+        sender = SenderProcess(receiver.address, "nccl", device="cuda:1")
+        try:
+            future = receiver.register("req", DST, NUM_TOKENS, start_token=START, lease_s=WAIT_S)
+            sender.go()
+            future.result(WAIT_S)
+            assert sender.result() == "completed"
+        finally:
+            sender.stop()
+        assert_landed_exactly(receiver)
+
+
+@pytest.mark.gpu
 def test_bench_cuda_ipc_reports_transfer_and_copy_ceiling():
     result = bench_cuda_ipc(64 << 20)
     assert result["exact"]
