@@ -26,6 +26,13 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_tiny(args: argparse.Namespace) -> int:
+    from glmserve.model.train_tiny import main as train_main
+
+    train_main(args.rest)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from glmserve.cluster.serve_command import run_serve
 
@@ -71,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="a config.json file")
     info.set_defaults(func=_info)
 
+    train = sub.add_parser("train-tiny", help="train the embedded glm5-tiny (see model/train_tiny.py --help)",
+                           add_help=False)
+    train.set_defaults(func=_train_tiny)
+
     from glmserve.cluster.serve_command import add_serve_args
 
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve (default: glm5-tiny on CPU)")
@@ -105,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command != "train-tiny" and rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -1,7 +1,6 @@
-"""The embedded default checkpoint, glm5-tiny.
-
-The package ships its config, tokenizer and chat template. Until weights are shipped beside them, weights are drawn
-deterministically from a seed on first use and cached outside the repository.
+"""The embedded default checkpoint, glm5-tiny: config, tokenizer, chat template and trained weights ship in the
+package (`python -m glmserve.model.train_tiny` made them; see the model card beside them). A checkout without the
+weights file falls back to weights drawn deterministically from a seed, cached outside the repository.
 """
 
 import hashlib
