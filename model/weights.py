@@ -6,7 +6,9 @@ weights exist. FP8 block-quantized tensors are dequantized as they are read.
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -14,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from .fp8 import BLOCK as FP8_BLOCK
 from .fp8 import dequantize_fp8_blockwise
 
 log = logging.getLogger(__name__)
@@ -50,14 +53,12 @@ def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
 
 
-def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill `model` (built on the meta device) from the checkpoint at `path`, in place."""
-    path = Path(path)
-    files = checkpoint_files(path)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+def check_names(expected: Iterable[str], files: dict[str, Path], path: Path) -> None:
+    """The checkpoint holds every expected tensor and nothing else (an fp8 weight's scale counts with its weight)."""
+    expected = set(expected)
     scales = {n for n in files if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in files}
     present = set(files) - scales
-    missing, unexpected = set(expected) - present, present - set(expected)
+    missing, unexpected = expected - present, present - expected
     if missing or unexpected:
         parts = []
         if missing:
@@ -66,6 +67,51 @@ def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device:
             parts.append(f"unexpected tensors: {_names_list(unexpected)}")
         raise CheckpointError(f"checkpoint {path} does not match the config: " + "; ".join(parts))
 
+
+def read_tensor(
+    f: Any,
+    name: str,
+    files: dict[str, Path],
+    expected_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    dim: int = 0,
+    start: int = 0,
+    stop: int | None = None,
+) -> torch.Tensor:
+    """Tensor `name` from the open file `f`, cut to [start, stop) along `dim` (whole by default), in `dtype`.
+
+    Only the cut is read from disk, so a tensor-parallel rank reads just its slice; fp8 is dequantized.
+    """
+    view = f.get_slice(name)
+    shape = tuple(view.get_shape())
+    if shape != expected_shape:
+        raise CheckpointError(f"tensor {name} has shape {shape} in {files[name].name}, config needs {expected_shape}")
+    stop = shape[dim] if stop is None else stop
+    if view.get_dtype() != "F8_E4M3":
+        return view[_cut(dim, start, stop)].to(dtype)
+    scale_name = name + SCALE_SUFFIX
+    if scale_name not in files:
+        raise CheckpointError(f"fp8 tensor {name} has no {scale_name}")
+    # Read whole 128-blocks so every scale covers its own block, then trim to the cut.
+    first, end = start // FP8_BLOCK, -(-stop // FP8_BLOCK)
+    weight = view[_cut(dim, first * FP8_BLOCK, min(end * FP8_BLOCK, shape[dim]))]
+    with safe_open(files[scale_name], "pt", device="cpu") as fs:
+        scale = fs.get_slice(scale_name)[_cut(dim, first, end)]
+    blocks = dequantize_fp8_blockwise(weight, scale, dtype)
+    return blocks.narrow(dim, start - first * FP8_BLOCK, stop - start).contiguous()
+
+
+def _cut(dim: int, start: int, stop: int) -> tuple[slice, ...]:
+    return (slice(None),) * dim + (slice(start, stop),)
+
+
+def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Fill `model` (built on the meta device) from the checkpoint at `path`, in place."""
+    path = Path(path)
+    files = checkpoint_files(path)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    check_names(expected, files, path)
+
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
@@ -73,24 +119,13 @@ def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device:
     for file, names in by_file.items():
         with safe_open(file, "pt", device="cpu") as f:
             for name in names:
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != expected[name]:
-                    raise CheckpointError(
-                        f"tensor {name} has shape {tuple(tensor.shape)} in {file.name}, config needs {expected[name]}"
-                    )
-                want = target_dtype(name, dtype)
-                if tensor.dtype == torch.float8_e4m3fn:
-                    scale_name = name + SCALE_SUFFIX
-                    if scale_name not in files:
-                        raise CheckpointError(f"fp8 tensor {name} has no {scale_name}")
-                    with safe_open(files[scale_name], "pt", device="cpu") as fs:
-                        tensor = dequantize_fp8_blockwise(tensor, fs.get_tensor(scale_name), want)
-                _set_tensor(model, name, tensor.to(device=device, dtype=want))
+                tensor = read_tensor(f, name, files, expected[name], target_dtype(name, dtype))
+                set_tensor(model, name, tensor.to(device))
                 bar.update()
     bar.close()
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     if leaf in module._parameters:
