@@ -53,6 +53,20 @@ def _bench_kvtransfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_mtp(args: argparse.Namespace) -> int:
+    from glmserve.decode.bench_mtp import run_bench_mtp
+
+    run_bench_mtp(
+        args.model,
+        args.device,
+        args.num_prompts,
+        args.max_tokens,
+        tuple(args.batch_sizes),
+        output_json=args.output_json,
+    )
+    return 0
+
+
 def _bench_router(args: argparse.Namespace) -> int:
     from glmserve.cluster.bench_router import run_bench_router
 
@@ -78,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="a config.json file")
     info.set_defaults(func=_info)
 
-    train = sub.add_parser("train-tiny", help="train the embedded glm5-tiny (see model/train_tiny.py --help)",
-                           add_help=False)
+    train = sub.add_parser(
+        "train-tiny", help="train the embedded glm5-tiny (see model/train_tiny.py --help)", add_help=False
+    )
     train.set_defaults(func=_train_tiny)
 
     from glmserve.cluster.serve_command import add_serve_args
@@ -101,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     kvt = bench.add_parser("kvtransfer", help="KV transfer throughput (tcp loopback; cuda_ipc vs the copy ceiling)")
     add_kvtransfer_args(kvt)
     kvt.set_defaults(func=_bench_kvtransfer)
+    mtp = bench.add_parser("mtp", help="MTP acceptance and speedup on held-out code vs no speculation")
+    mtp.add_argument("--model", default=None)
+    mtp.add_argument("--device", default="auto")
+    mtp.add_argument("--num-prompts", type=int, default=16)
+    mtp.add_argument("--max-tokens", type=int, default=64)
+    mtp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    mtp.add_argument("--output-json", default="bench_mtp.json")
+    mtp.set_defaults(func=_bench_mtp)
     router = bench.add_parser("router", help="latency the OpenAI router adds over calling decode directly")
     router.add_argument("--num-requests", type=int, default=200)
     router.add_argument("--port", type=int, default=8123)

@@ -220,7 +220,9 @@ class LLMEngine:
         With speculation on, decoding sequences carry the drafts proposed last step: they are scheduled as extra
         tokens, verified against the target's logits, the rejected ones rolled back, and the MTP layer then catches
         up on the accepted positions and drafts the next ones."""
-        k = self.policy.choose(len(self.scheduler.running)) if self.drafter is not None else 0
+        k = 0
+        if self.drafter is not None:
+            k = self.policy.choose(len(self.scheduler.running)) if self.args.adaptive_speculation else self.policy.max_k
         for seq in self.scheduler.running:
             seq.token_ids += seq.drafts  # to be verified; removed again below if not scheduled
         plan = self.scheduler.schedule()
@@ -367,7 +369,7 @@ class LLMEngine:
                 )
                 rows.append(torch.arange(offset, offset + valid))
                 if ok:
-                    drafting.append((seq, want))
+                    drafting.append((seq, want, len(mtp_chunks) - 1))
             offset += n
         for seq, _ in scheduled:
             seq.drafts, seq.draft_probs = [], None
@@ -376,33 +378,33 @@ class LLMEngine:
         out = self.drafter.run(mtp_chunks, result.all_hidden[torch.cat(rows).to(result.all_hidden.device)])
         if not drafting:
             return
-        seqs = [s for s, _ in drafting]
-        remaining = {s: want for s, want in drafting}
-        hidden, reuse = out.hidden, self.drafter.reusable(out.chosen)
-        logits = out.logits
-        active = seqs
-        while active:
+        remaining = {s: want for s, want, _ in drafting}
+        active = [s for s, _, _ in drafting]
+        # IndexShare for MTP: every draft step reuses the picks of the catch-up pass (None: each step picks anew)
+        picks = self.drafter.reusable(out.chosen)
+        if picks is not None:
+            picks = [picks[i] for _, _, i in drafting]
+        hidden, logits = out.hidden, out.logits
+        while True:
             batch = self._sampling_batch(active, [s.drafts for s in active])
             probs = self.sampler.probs(logits, batch)
             for i, s in enumerate(active):
-                token = int(draw(probs[i], batch.generators[i])) if not s.params.is_greedy else int(probs[i].argmax())
+                token = int(probs[i].argmax()) if s.params.is_greedy else int(draw(probs[i], batch.generators[i]))
                 s.drafts.append(token)
                 if not s.params.is_greedy:
-                    s.draft_probs = (
-                        probs[i : i + 1] if s.draft_probs is None else torch.cat((s.draft_probs, probs[i : i + 1]))
-                    )
+                    q = probs[i : i + 1]
+                    s.draft_probs = q if s.draft_probs is None else torch.cat((s.draft_probs, q))
             keep = [i for i, s in enumerate(active) if len(s.drafts) < remaining[s]]
             if not keep:
-                break
+                return
             active = [active[i] for i in keep]
+            picks = None if picks is None else [picks[i] for i in keep]
             step_chunks = [
                 SeqChunk([s.drafts[-1]], s.num_tokens - 1 + len(s.drafts), s.block_table, 1, s.request_id)
                 for s in active
             ]
-            reuse = None if reuse is None else [reuse[seqs.index(s)] for s in active]
-            out = self.drafter.run(step_chunks, hidden[keep], reuse)
+            out = self.drafter.run(step_chunks, hidden[keep], picks)
             hidden, logits = out.hidden, out.logits
-            seqs = active
 
     def _k_for(self, seq: Sequence, k_policy: int) -> int:
         cap = seq.params.num_speculative_tokens

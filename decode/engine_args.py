@@ -21,3 +21,4 @@ class EngineArgs(BaseModel):
     num_gpu_blocks_override: int | None = Field(None, gt=0)  # exact number of KV blocks (tests, tiny budgets)
     seed: int = 0  # for requests without their own seed
     num_speculative_tokens: int = Field(0, ge=0, le=8)  # MTP draft length K; 0 disables speculation
+    adaptive_speculation: bool = True  # choose K (down to 0) per step by measured profitability; False: always K

@@ -83,3 +83,14 @@ def test_verification_preserves_the_target_distribution():
         expected = p * total
         chi2 = float(((counts - expected) ** 2 / expected).sum())
         assert chi2 < 18.5, f"chi-square {chi2:.1f} with 4 degrees of freedom (p < 0.001)"
+
+
+def test_drafting_beside_prefill_chunks_with_shared_topk():
+    """Sequences drafting (context beyond index_topk, so the MTP passes reuse top-k picks) in the same steps as
+    other sequences' prefill chunks: picks must follow their own sequences."""
+    prompts = random_prompts([300, 20, 330, 150, 140, 260, 90, 400], 8000, seed=8)
+    want = _tokens(LLM(), prompts)
+    llm = LLM(num_speculative_tokens=4, adaptive_speculation=False, max_num_batched_tokens=160)
+    assert llm.engine.drafter.share_topk
+    assert _tokens(llm, prompts) == want
+    _no_leaks(llm)
