@@ -259,7 +259,7 @@ class OpenAIServer:
             if req.include_usage:
                 yield chunk([], usage)
             timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
-        except APIError as e:
+        except APIError as e:  # after the stream started, an error is an event, then the stream ends as usual
             yield sse_event(e.body())
         yield SSE_DONE
 

@@ -37,6 +37,13 @@ class Router(nn.Module):
         return ids, weights * self.scaling
 
 
+def shared_experts(config: GlmConfig) -> MLP | None:
+    """The always-on expert(s), fused into one MLP n_shared_experts times as wide (the Hub stores them so)."""
+    if not config.n_shared_experts:
+        return None
+    return MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+
+
 class MoE(nn.Module):
     def __init__(self, config: GlmConfig):
         super().__init__()
@@ -45,11 +52,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
         )
-        self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
-            if config.n_shared_experts
-            else None
-        )
+        self.shared_experts = shared_experts(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

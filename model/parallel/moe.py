@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import GlmConfig
 from ..mlp import MLP
-from ..moe import Router
+from ..moe import Router, shared_experts
 from .comm import ParallelContext
 
 
@@ -30,11 +30,7 @@ class ExpertParallelMoE(nn.Module):
                 for e in range(first, first + self.experts_per_rank)
             }
         )
-        self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
-            if config.n_shared_experts
-            else None
-        )
+        self.shared_experts = shared_experts(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
