@@ -22,9 +22,7 @@ class DecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.topk = config.index_topk
         self.self_attn = MLA(config, has_indexer=config.is_full_indexer_layer(layer_idx))
-        self.mlp = (
-            MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
-        )
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -3,16 +3,36 @@
 Per layer: project the new tokens, write their latent (and, on full-indexer layers, indexer keys) into the cache,
 pick top-k keys per query on full layers (shared layers reuse the pick of the full layer before them, within the
 same step), attend in the absorbed latent space, then the MLP or MoE. Logits are computed only where asked.
+
+On CUDA (when the kernels support the model's dims) the runner takes the fused path: the Triton attention backend,
+routed experts through one grouped GEMM over weights packed once at load, RMSNorm in one kernel, and CUDA graphs
+for pure decode steps. Elsewhere it runs plain PyTorch, the exact reference path.
 """
 
+import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .attention_backend import PagedBatch, TorchAttention
-from .glm import GlmForCausalLM
+from .attention_backend import (
+    IndexChunk,
+    PagedBatch,
+    StageTimer,
+    TopkPicks,
+    TorchAttention,
+    TritonAttention,
+    index_chunk_plan,
+    no_stage,
+)
+from .glm import DecoderLayer, GlmForCausalLM
 from .kv_cache import PagedKVCache
+from .moe import MoE
+from .norm import RMSNorm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,7 +41,7 @@ class SeqChunk:
 
     token_ids: list[int]  # the new tokens
     start_pos: int  # position of token_ids[0]; tokens before it already have KV in the cache
-    block_table: list[int]
+    block_table: list[int]  # grows by appending while it is the same list; replace the list for any other change
     num_logits: int = 1  # logits for the last this-many new tokens (1: sample; K+1: verify K drafts; 0: none)
     request_id: str = ""  # lets a layer hook tell whose rows were written
 
@@ -46,51 +66,234 @@ class StepInputs:
     sin: torch.Tensor
 
 
+@dataclass(eq=False)
+class _TableRow:
+    row: int
+    source: list[int]  # the engine's list (held, so its id stays unique while the row lives)
+    length: int = 0  # entries copied so far
+    last: int = -1  # source[length - 1] when copied, to notice a list changed in place
+    seen: int = 0
+
+
+class BlockTables:
+    """The block tables of the sequences being run, on the device, one row per sequence, refreshed with each
+    sequence's new entries only: per-step host work grows with the blocks added, not with context length."""
+
+    EVICT_EVERY = 256  # steps; rows unused that long are freed
+
+    def __init__(self, max_blocks: int, device: torch.device, rows: int = 8):
+        self.max_blocks = max_blocks
+        self.table = torch.zeros(rows, max_blocks, dtype=torch.int32, device=device)
+        self.rows: dict[int, _TableRow] = {}  # id(list) -> its row
+        self.free = list(range(rows))
+        self.step = 0
+
+    def rows_for(self, tables: list[list[int]]) -> list[int]:
+        """Table rows holding these lists (copied in or brought up to date first)."""
+        self.step += 1
+        new_rows, new_cols, new_values, out = [], [], [], []
+        for source in tables:
+            if len(source) > self.max_blocks:
+                raise ValueError(f"a block table of {len(source)} blocks exceeds this runner's {self.max_blocks}")
+            entry = self.rows.get(id(source))
+            if entry is None:
+                entry = self.rows[id(source)] = _TableRow(self._take_row(), source)
+            elif len(source) < entry.length or (entry.length and source[entry.length - 1] != entry.last):
+                entry.length = 0  # changed in place: copy it again
+            if len(source) > entry.length:
+                new_rows += [entry.row] * (len(source) - entry.length)
+                new_cols += range(entry.length, len(source))
+                new_values += source[entry.length :]
+                entry.length, entry.last = len(source), source[-1]
+            entry.seen = self.step
+            out.append(entry.row)
+        if new_values:
+            update = torch.tensor([new_rows, new_cols, new_values], dtype=torch.long).to(self.table.device)
+            self.table[update[0], update[1]] = update[2].to(torch.int32)
+        if self.step % self.EVICT_EVERY == 0:
+            for key, entry in list(self.rows.items()):
+                if entry.seen <= self.step - self.EVICT_EVERY:
+                    self.free.append(entry.row)
+                    del self.rows[key]
+        return out
+
+    def _take_row(self) -> int:
+        if not self.free:
+            grown = self.table.new_zeros(2 * self.table.shape[0], self.max_blocks)
+            grown[: self.table.shape[0]] = self.table
+            self.free = list(range(self.table.shape[0], grown.shape[0]))
+            self.table = grown
+        return self.free.pop()
+
+
+def pack_experts(model: GlmForCausalLM) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per MoE layer, the routed experts' weights packed as w_gate_up [E, 2I, hidden] and w_down [E, hidden, I], the
+    layout the grouped GEMM reads. The expert modules are pointed at views of the packed tensors, so the weights
+    exist once (a layer's experts are briefly held twice while packing)."""
+    with torch.no_grad():
+        return {i: _pack_layer(layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)}
+
+
+def _pack_layer(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
+    inter, hidden = moe.experts[0].gate_proj.weight.shape
+    like = moe.experts[0].gate_proj.weight
+    gate_up = like.new_empty(len(moe.experts), 2 * inter, hidden)
+    down = like.new_empty(len(moe.experts), hidden, inter)
+    for e, expert in enumerate(moe.experts):
+        gate_up[e, :inter] = expert.gate_proj.weight
+        gate_up[e, inter:] = expert.up_proj.weight
+        down[e] = expert.down_proj.weight
+        expert.gate_proj.weight = nn.Parameter(gate_up[e, :inter], requires_grad=False)
+        expert.up_proj.weight = nn.Parameter(gate_up[e, inter:], requires_grad=False)
+        expert.down_proj.weight = nn.Parameter(down[e], requires_grad=False)
+    return gate_up, down
+
+
+def fuse_rms_norms(model: nn.Module) -> None:
+    """Run every RMSNorm of the model as one Triton kernel (same math, one launch instead of eight)."""
+    from .kernels import rms_norm
+
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.forward = lambda x, m=module: rms_norm.rms_norm_triton(x, m.weight, m.eps)
+
+
 class ModelRunner:
-    def __init__(self, model: GlmForCausalLM, cache: PagedKVCache, attention: TorchAttention | None = None):
+    def __init__(
+        self,
+        model: GlmForCausalLM,
+        cache: PagedKVCache,
+        attention: TorchAttention | TritonAttention | None = None,
+        cuda_graphs: bool | None = None,
+        max_graph_batch: int = 128,
+        topk_layers: set[int] | None = None,
+    ):
+        """`attention`: the backend (default: Triton on CUDA when the model's dims suit the kernels, else torch);
+        with Triton the rest of the fused path comes too. `cuda_graphs`: capture pure decode steps of up to
+        `max_graph_batch` sequences (default: on for the fused path on CUDA). `topk_layers`: the layers that run
+        their own top-k selection (default: those with an indexer); benchmarks pass all layers to switch
+        IndexShare off on a model built with an indexer everywhere."""
         self.model = model
         self.config = model.config
         self.cache = cache
-        self.attention = attention or TorchAttention()
         self.device = model.lm_head.weight.device
+        if attention is None:
+            fits = TritonAttention.supports(self.config)
+            if self.device.type == "cuda" and not fits:
+                log.warning("model dims do not suit the Triton kernels (powers of two >= 16): running plain torch")
+            attention = TritonAttention() if self.device.type == "cuda" and fits else TorchAttention()
+        self.attention = attention
+        self.fused = isinstance(attention, TritonAttention)
         # kv_b_proj split per head, for absorbed attention.
         self.absorbed = [layer.self_attn.absorbed_weights() for layer in model.model.layers]
+        self.packed_experts = pack_experts(model) if self.fused else {}
+        if self.fused:
+            from .kernels import moe as moe_kernels  # Triton loads with the fused path only
+
+            self.moe_kernels = moe_kernels
+        if self.fused and self.device.type == "cuda":
+            fuse_rms_norms(model)
+        self.topk_layers = topk_layers if topk_layers is not None else {
+            i for i, layer in enumerate(model.model.layers) if layer.self_attn.indexer is not None
+        }  # fmt: skip
+        bs = cache.spec.block_size
+        max_tokens = min(self.config.max_position_embeddings, cache.max_tokens)
+        self.tables = BlockTables(-(-max_tokens // bs), self.device)
         # Called after each layer's KV is written, with the step's inputs (which tokens went to which slots).
         # Prefill workers stream finished layers out through it while later layers compute.
         self.layer_hook: Callable[[int, StepInputs], None] | None = None
+        self.stage: StageTimer = no_stage
+        if cuda_graphs is None:
+            cuda_graphs = self.fused and self.device.type == "cuda"
+        self.graphs = None
+        if cuda_graphs:
+            from .cuda_graphs import DecodeGraphs
 
+            self.graphs = DecodeGraphs(self, max_graph_batch, capture=self.device.type == "cuda")
+
+    def set_stage_timer(self, stage: StageTimer) -> None:
+        """Time the stages of eager steps (indexer, topk, attention, moe) through `stage(name)` contexts."""
+        self.stage = stage
+        if isinstance(self.attention, TritonAttention):
+            self.attention.stage = stage
+
+    # ---- step inputs ----
     def prepare(self, chunks: list[SeqChunk]) -> StepInputs:
         bs = self.cache.spec.block_size
-        dev = self.device
-        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=dev)
-        positions = torch.cat([torch.arange(c.start_pos, c.start_pos + len(c.token_ids)) for c in chunks]).to(dev)
-        tables = [torch.tensor(c.block_table, dtype=torch.long, device=dev) for c in chunks]
-        starts = [0]
-        for c in chunks:
-            starts.append(starts[-1] + len(c.token_ids))
+        lens = [len(c.token_ids) for c in chunks]
+        starts = list(itertools.accumulate(lens, initial=0))
+        context_lens = [c.start_pos + n for c, n in zip(chunks, lens, strict=True)]
+        max_context = max(context_lens)
+        rows = self.tables.rows_for([c.block_table for c in chunks])
+        seq = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(lens))
+        offset = torch.tensor([c.start_pos - s for c, s in zip(chunks, starts[:-1], strict=True)])
+        logits_at = [j for i, c in enumerate(chunks) for j in range(starts[i + 1] - c.num_logits, starts[i + 1])]
+        ranges, first_tile, tile_start, tile_end = [], [], [], []
+        if self.fused:
+            ranges, first_tile, tile_start, tile_end = index_chunk_plan(
+                starts, max_context, self.attention.tile_queries
+            )
+        # Everything the step needs from the host, in one copy.
+        parts = [
+            torch.tensor([t for c in chunks for t in c.token_ids]),
+            torch.arange(starts[-1]) + offset[seq],
+            seq,
+            torch.tensor(logits_at, dtype=torch.long),
+            torch.tensor(starts[1:]) - 1,
+            torch.tensor(rows),
+            torch.tensor(tile_start, dtype=torch.long),
+            torch.tensor(tile_end, dtype=torch.long),
+        ]
+        ids, positions, seq, logits_at, last_query, rows, tile_start, tile_end = (
+            torch.cat(parts).to(self.device).split([p.numel() for p in parts])
+        )
+        block_tables = self.tables.table[rows, : -(-max_context // bs)]
+        bounds = first_tile + [len(parts[6])]
+        chunks_plan = [
+            IndexChunk(b, e, tile_start[t0:t1].int(), tile_end[t0:t1].int())
+            for (b, e), t0, t1 in zip(ranges, bounds[:-1], bounds[1:], strict=True)
+        ]
+        return self.step_inputs(
+            chunks, ids, positions, seq.int(), block_tables, starts, context_lens, max_context, logits_at,
+            last_query, chunks_plan,
+        )  # fmt: skip
+
+    def step_inputs(
+        self,
+        chunks: list[SeqChunk],
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        query_seq: torch.Tensor,
+        block_tables: torch.Tensor,
+        query_start: list[int],
+        context_lens: list[int],
+        max_context: int,
+        logits_at: torch.Tensor,
+        last_query: torch.Tensor,
+        index_chunks: list[IndexChunk],
+    ) -> StepInputs:
+        """The step's tensors from device-side inputs (device ops only: CUDA graphs capture this too)."""
+        bs = self.cache.spec.block_size
         batch = PagedBatch(
-            query_pos=positions,
-            query_start=starts,
-            context_lens=[c.start_pos + len(c.token_ids) for c in chunks],
-            block_tables=tables,
+            query_pos=positions.int(),
+            query_seq=query_seq,
+            query_start=query_start,
+            context_lens=context_lens,
+            block_tables=block_tables,
             block_size=bs,
+            max_context=max_context,
+            last_query=last_query,
+            index_chunks=index_chunks,
+            max_queries_per_seq=max(b - a for a, b in itertools.pairwise(query_start)),
         )
-        seq_of_query = torch.repeat_interleave(
-            torch.arange(len(chunks), device=dev), torch.tensor([len(c.token_ids) for c in chunks], device=dev)
-        )
-        table_pad = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
-        slots = table_pad[seq_of_query, positions // bs] * bs + positions % bs
-        logits_at = torch.tensor(
-            [j for i, c in enumerate(chunks) for j in range(starts[i + 1] - c.num_logits, starts[i + 1])],
-            dtype=torch.long,
-            device=dev,
-        )
+        slots = block_tables[query_seq.long(), positions // bs].long() * bs + positions % bs
         cos, sin = self.model.rope(positions, self.model.lm_head.weight.dtype)
         return StepInputs(chunks, ids, batch, slots, logits_at, cos, sin)
 
+    # ---- layers ----
     def run_layer(self, i: int, x: torch.Tensor, step: StepInputs, chosen, reuse_topk: bool = False):
         """One decoder layer (index i; the MTP layer too) on the paged cache: write this step's KV, pick top-k on
-        layers that own an indexer (unless `reuse_topk`: keep `chosen`), attend, MLP. Returns (x, chosen)."""
+        layers that select their own (unless `reuse_topk`: keep `chosen`), attend, MLP. Returns (x, chosen)."""
         layer = self.model.model.layers[i]
         cfg = self.config
         h = layer.input_layernorm(x)
@@ -100,23 +303,34 @@ class ModelRunner:
         self.cache.write(i, step.slots, torch.cat((p.latent, p.k_rope), dim=-1), index_keys)
         if self.layer_hook is not None:
             self.layer_hook(i, step)
-        if attn.indexer is not None and not reuse_topk:
-            q_index = attn.indexer.queries(p.q_resid, step.cos, step.sin)
-            chosen = self.attention.select_topk(
-                step.batch, q_index, attn.indexer.head_weights(h), self.cache.index_keys[i], cfg.index_topk
-            )
+        if i in self.topk_layers and not reuse_topk:
+            with self.stage("indexer"):
+                q_index = attn.indexer.queries(p.q_resid, step.cos, step.sin)
+                weights = attn.indexer.head_weights(h)
+            chosen = self.attention.select_topk(step.batch, q_index, weights, self.cache.index_keys[i], cfg.index_topk)
         w_uk, w_uv = self.absorbed[i]
         q = torch.cat((torch.einsum("nhd,hdc->nhc", p.q_nope, w_uk), p.q_rope), dim=-1)
-        o = self.attention.attend(step.batch, q, self.cache.latent[i], chosen, cfg.kv_lora_rank, cfg.softmax_scale)
+        with self.stage("attention"):
+            o = self.attention.attend(step.batch, q, self.cache.latent[i], chosen, cfg.kv_lora_rank, cfg.softmax_scale)
         x = x + attn.o_proj(torch.einsum("nhc,hvc->nhv", o, w_uv).flatten(1))
-        return x + layer.mlp(layer.post_attention_layernorm(x)), chosen
+        return x + self.feed_forward(i, layer, layer.post_attention_layernorm(x)), chosen
 
-    @torch.inference_mode()
-    def forward(self, chunks: list[SeqChunk], keep_all_hidden: bool = False) -> StepOutput:
-        step = self.prepare(chunks)
+    def feed_forward(self, i: int, layer: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
+        if i not in self.packed_experts:
+            return layer.mlp(h)
+        with self.stage("moe"):
+            moe = layer.mlp
+            expert_ids, weights = moe.gate(h)
+            out = self.moe_kernels.moe_experts(h, expert_ids, weights, *self.packed_experts[i])
+            if moe.shared_experts is not None:
+                out = out + moe.shared_experts(h)
+            return out
+
+    def execute(self, step: StepInputs, keep_all_hidden: bool = False) -> StepOutput:
+        """Embedding, every main layer, final norm and the logits rows of a prepared step."""
         model = self.model
         x = model.model.embed_tokens(step.ids)
-        chosen = None
+        chosen: list | TopkPicks | None = None
         for i in range(self.config.num_hidden_layers):
             x, chosen = self.run_layer(i, x, step, chosen)
         if keep_all_hidden:
@@ -125,3 +339,9 @@ class ModelRunner:
         else:
             all_hidden, hidden = None, model.model.norm(x[step.logits_at])
         return StepOutput(logits=model.lm_head(hidden).float(), hidden=hidden, all_hidden=all_hidden)
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[SeqChunk], keep_all_hidden: bool = False) -> StepOutput:
+        if self.graphs is not None and self.layer_hook is None and self.graphs.accepts(chunks):
+            return self.graphs.run(chunks, keep_all_hidden)
+        return self.execute(self.prepare(chunks), keep_all_hidden)

@@ -76,8 +76,10 @@ def test_disaggregated_equals_colocated_equals_offline(apps):
     llm = LLM()
     tok = llm.get_tokenizer()
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    offline = [[tok.decode([t]) for t in o.outputs[0].token_ids]
-               for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    offline = [
+        [tok.decode([t]) for t in o.outputs[0].token_ids]
+        for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    ]
     for prompt, want in zip(prompts, offline, strict=True):
         assert _tokens(_complete(apps["disagg"], prompt)) == want
         assert _tokens(_complete(apps["coloc"], prompt)) == want
@@ -107,8 +109,11 @@ def _request_then_kill(base: str, app: str, prompt: list[int]) -> httpx.Response
 
 def test_prefill_replica_killed_midway_recomputes_locally(apps):
     prompt = _prompt(3900, seed=1)
-    want = LLM().generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
-                                                                      ignore_eos=True), use_tqdm=False)
+    want = LLM().generate(
+        {"prompt_token_ids": prompt},
+        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
+        use_tqdm=False,
+    )
     tok = LLM().get_tokenizer()
     assert _tokens(_request_then_kill(apps["disagg"], "disagg", prompt)) == [
         tok.decode([t]) for t in want[0].outputs[0].token_ids

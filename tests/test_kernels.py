@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     for name in [m for m in sys.modules if m.startswith("glmserve.model.kernels.")]:
         importlib.reload(sys.modules[name])
 
-from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, topk  # noqa: E402
+from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, rms_norm, topk  # noqa: E402
 from glmserve.model.kernels.paged import gather_rows, query_tiles  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -114,6 +114,24 @@ def test_indexer_triton_interpreter(dtype):
     assert_logits_close(out, ref, rtol=1e-5 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_indexer_per_query_interpreter(dtype):
+    """Decode-shaped steps: one or a few queries per sequence, any order, heads fewer than a tile."""
+    positions = [[129], [5, 6], [0], [150, 63, 64]]
+    case = indexer_case(dtype, 5, 32, [130, 7, 1, 170], positions)
+    out = indexer.indexer_logits_per_query_triton(*case, max_context=200, block_t=32)
+    ref = indexer.indexer_logits_reference(*case, max_context=200)
+    assert_logits_close(out, ref, rtol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_indexer_explicit_tiles_match_computed_ones():
+    positions = [list(range(40, 75)), [3]]
+    case = indexer_case(torch.float32, 2, 16, [75, 4], positions)
+    tiles = query_tiles(case[4], 16)
+    out = indexer.indexer_logits_triton(*case, block_s=16, block_t=32, num_warps=4, num_stages=1, tiles=tiles)
+    assert_logits_close(out, indexer.indexer_logits_reference(*case), rtol=1e-5)
+
+
 def fp8_indexer_check(heads: int, dim: int, context_lens: list[int], positions: list[list[int]], **launch) -> None:
     """The fp8 kernel against the reference on the dequantized inputs (so only the kernel's error is measured)."""
     q, weights, keys, tables, query_seq, query_pos = indexer_case(torch.float32, heads, dim, context_lens, positions)
@@ -164,6 +182,29 @@ def test_topk_interpreter_ties():
     scores = torch.randint(-4, 5, (3, cols), device=DEVICE).float() * 0.5  # many equal values
     got = topk.topk_positions_triton(scores, query_pos, k, block=64, num_warps=4)
     assert_same_selection(got, scores, query_pos, k)
+
+
+def test_topk_causal_logits_ties_go_to_lower_positions():
+    k = 6
+    scores = torch.tensor([
+        [0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 3.0, float("-inf")],
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        [5.0, 4.0, float("-inf"), float("-inf"), float("-inf"), float("-inf"), float("-inf"), float("-inf"),
+         float("-inf"), float("-inf")],
+    ], device=DEVICE)  # fmt: skip
+    got = topk.topk_causal_logits(scores, k)
+    assert got.dtype == torch.int32
+    assert got.tolist() == [[8, 1, 4, 0, 2, 3], [0, 1, 2, 3, 4, 5], [0, 1, -1, -1, -1, -1]]
+    # Same rule as the CPU path on random rows with many exact zeros.
+    scores = torch.randn(5, 300, device=DEVICE).relu() * torch.randint(0, 2, (5, 300), device=DEVICE)
+    query_pos = torch.tensor([299, 250, 40, 10, 299], device=DEVICE)
+    scores = scores.masked_fill(torch.arange(300, device=DEVICE)[None, :] > query_pos[:, None], float("-inf"))
+    from glmserve.model.indexer import topk_positions as cpu_rule
+
+    expected = cpu_rule(scores, 32)
+    expected = torch.where(scores.gather(1, expected) > float("-inf"), expected, -1)
+    assert torch.equal(topk.topk_causal_logits(scores, 32), expected.to(torch.int32))
+    assert topk.topk_causal_logits(scores[:, :20], 32)[:, 20:].eq(-1).all()
 
 
 def test_indexer_topk_chunks_match_one_pass():
@@ -296,6 +337,16 @@ def test_moe_triton_interpreter():
     assert relative_error(got, moe.moe_experts_reference(*case)) < 1e-5
 
 
+def test_moe_triton_small_batch_pairs_interpreter():
+    """Decode-sized batches route one tile per (token, slot) pair, without sorting."""
+    case = moe_case(torch.float32, 3, 64, 32, 8, 2)
+    routing = moe.route_pairs(case[1])
+    assert routing.tile_expert.tolist() == case[1].flatten().tolist()
+    launch = moe.MoeLaunch(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
+    got = moe.moe_experts_triton(*case, launch=launch)
+    assert relative_error(got, moe.moe_experts_reference(*case)) < 1e-5
+
+
 def test_moe_grouped_mm_with_empty_experts():
     if not moe.has_grouped_mm():
         pytest.skip("torch._grouped_mm is missing")
@@ -308,12 +359,31 @@ def test_moe_reference_matches_dense_loop():
     x, topk_ids, topk_weights, w_gate_up, w_down = moe_case(torch.float32, 5, 8, 4, 3, 2)
     out = moe.moe_experts_reference(x, topk_ids, topk_weights, w_gate_up, w_down)
     for n in range(5):
-        expected = torch.zeros(8)
+        expected = torch.zeros(8, device=DEVICE)
         for j in range(2):
             e = int(topk_ids[n, j])
             gate, up = (w_gate_up[e] @ x[n]).split(4)
             expected += topk_weights[n, j] * (w_down[e] @ (torch.nn.functional.silu(gate) * up))
         assert torch.allclose(out[n], expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_interpreter(dtype):
+    from glmserve.model.norm import RMSNorm
+
+    norm = RMSNorm(48, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48) + 0.5)
+    wide = torch.randn(7, 80, device=DEVICE).to(dtype)
+    x = wide[:, 16:64]  # strided rows, as the latent slice of kv_a_proj's output
+    got = rms_norm.rms_norm_triton(x, norm.weight.to(dtype), norm.eps)
+    ref = norm.to(dtype)(x)
+    assert got.dtype == ref.dtype and relative_error(got, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+    three_d = rms_norm.rms_norm_triton(wide.view(7, 2, 40), torch.ones(40, device=DEVICE, dtype=dtype), 1e-5)
+    assert three_d.shape == (7, 2, 40)
 
 
 # ----------------------------------------------------------------------------------------------- GPU (bf16, fp8)
@@ -326,6 +396,25 @@ def test_indexer_bf16_gpu():
     case = indexer_case(torch.bfloat16, 32, 128, [3000, 700, 4096], positions)
     out = indexer.indexer_logits_triton(*case)
     assert_logits_close(out, indexer.indexer_logits_reference(*case), rtol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+def test_indexer_per_query_bf16_gpu():
+    positions = [[4095], [0], [2047, 2048, 2049], [699]]
+    case = indexer_case(torch.bfloat16, 32, 128, [4096, 1, 2050, 700], positions)
+    out = indexer.indexer_logits_per_query_triton(*case, max_context=4096)
+    assert_logits_close(out, indexer.indexer_logits_reference(*case), rtol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+def test_rms_norm_bf16_gpu():
+    from glmserve.model.norm import RMSNorm
+
+    norm = RMSNorm(6144).to(DEVICE, torch.bfloat16)
+    x = torch.randn(33, 6144, device=DEVICE, dtype=torch.bfloat16)
+    assert relative_error(rms_norm.rms_norm_triton(x, norm.weight, norm.eps), norm(x)) < 5e-3
 
 
 @gpu
@@ -364,3 +453,10 @@ def test_moe_bf16_gpu(tokens):
     assert relative_error(moe.moe_experts_triton(*case), ref) < 1e-2
     if moe.has_grouped_mm():
         assert relative_error(moe.moe_experts_grouped_mm(*case), ref) < 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+def test_moe_pairs_bf16_gpu():
+    case = moe_case(torch.bfloat16, 2, 1024, 512, 64, 8)  # 16 pairs <= 64 experts: routed as pairs
+    assert relative_error(moe.moe_experts_triton(*case), moe.moe_experts_reference(*case)) < 1e-2

@@ -14,8 +14,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
 def _tokens(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                                         use_tqdm=False)]
+    return [
+        o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    ]
 
 
 def _no_leaks(llm: LLM) -> None:
@@ -53,8 +54,11 @@ def test_accepted_drafts_stop_exactly(tmp_path_factory):
     path = make_scripted_checkpoint(tmp_path_factory.mktemp("scripted"))
     plain, spec = LLM(str(path)), LLM(str(path), num_speculative_tokens=4)
     prompt = "[gMASK]<sop><|user|>hi<|assistant|><think>"
-    for params in (SamplingParams(temperature=0, max_tokens=64), SamplingParams(temperature=0, max_tokens=7),
-                   SamplingParams(temperature=0, max_tokens=64, stop=["tool."])):
+    for params in (
+        SamplingParams(temperature=0, max_tokens=64),
+        SamplingParams(temperature=0, max_tokens=7),
+        SamplingParams(temperature=0, max_tokens=64, stop=["tool."]),
+    ):
         a = plain.generate(prompt, params, use_tqdm=False)[0].outputs[0]
         b = spec.generate(prompt, params, use_tqdm=False)[0].outputs[0]
         assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)

@@ -82,7 +82,7 @@ class Timer:
         return [start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)]
 
 
-def _paged_pool(num_tokens_per_seq: list[int], width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def paged_pool(num_tokens_per_seq: list[int], width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A random pool [blocks, 64, width] and shuffled block tables [B, max_blocks] int32 covering the contexts."""
     needed = [triton.cdiv(n, KV_BLOCK) for n in num_tokens_per_seq]
     num_blocks = sum(needed)
@@ -153,7 +153,7 @@ INDEXER_CONFIGS = [(128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 3), (64, 64, 
 
 def bench_indexer(timer: Timer, rows: list[Row], ceilings: dict, context: int = 131072, num_queries: int = 1024):
     heads, dim, k = 32, 128, 2048
-    keys, tables = _paged_pool([context], dim, torch.bfloat16)
+    keys, tables = paged_pool([context], dim, torch.bfloat16)
     q = torch.randn(num_queries, heads, dim, device="cuda", dtype=torch.bfloat16)
     weights = torch.randn(num_queries, heads, device="cuda") * (heads * dim) ** -0.5
     query_seq = torch.zeros(num_queries, dtype=torch.int32, device="cuda")
@@ -262,7 +262,7 @@ MLA_PREFILL_CONFIGS = [
 DENSE_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
-def _dense_sdpa_ms(timer: Timer, context: int, query_chunk: int | None) -> dict[str, float]:
+def dense_sdpa_ms(timer: Timer, context: int, query_chunk: int | None) -> dict[str, float]:
     """Dense attention with MLA's head shapes (64 heads, qk 256, v 256) per SDPA backend: the whole causal prompt,
     or the last `query_chunk` queries against every key."""
     heads, dim = 64, 256
@@ -288,7 +288,7 @@ def bench_mla_prefill(timer: Timer, rows: list[Row], contexts: list[int], num_qu
     flops_per_query = k * heads * (width + value_dim) * 2
     best_launch = None
     for context in contexts:
-        latent, tables = _paged_pool([context], width, torch.bfloat16)
+        latent, tables = paged_pool([context], width, torch.bfloat16)
         q = torch.randn(num_queries, heads, width, device="cuda", dtype=torch.bfloat16)
         query_seq = torch.zeros(num_queries, dtype=torch.int32, device="cuda")
         query_pos = torch.arange(context - num_queries, context, dtype=torch.int32, device="cuda")
@@ -320,11 +320,11 @@ def bench_mla_prefill(timer: Timer, rows: list[Row], contexts: list[int], num_qu
         torch.cuda.empty_cache()
 
         if context <= 131072:
-            dense = _dense_sdpa_ms(timer, context, None)
+            dense = dense_sdpa_ms(timer, context, None)
             dense_note = "measured"
         else:
             chunk = 1024
-            chunk_times = _dense_sdpa_ms(timer, context, chunk)
+            chunk_times = dense_sdpa_ms(timer, context, chunk)
             n_chunks = context // chunk
             dense = {name: t * (n_chunks + 1) / 2 for name, t in chunk_times.items()}  # chunk i of n sees i/n keys
             dense_note = f"scaled from the last {chunk}-query chunk x (n+1)/2"
@@ -349,7 +349,7 @@ def bench_mla_decode(timer: Timer, rows: list[Row], ceilings: dict, context: int
              ("dense, batch 64 at 2K", 64, 1, None)]  # fmt: skip
     for name, batch, per_seq, width_k in cases:
         ctx = context if width_k else 2048
-        latent, tables = _paged_pool([ctx] * batch, width, torch.bfloat16)
+        latent, tables = paged_pool([ctx] * batch, width, torch.bfloat16)
         num_queries = batch * per_seq
         q = torch.randn(num_queries, heads, width, device="cuda", dtype=torch.bfloat16)
         query_seq = torch.arange(batch, dtype=torch.int32, device="cuda").repeat_interleave(per_seq)

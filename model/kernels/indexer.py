@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmserve.model.kernels.paged import gather_rows, query_tiles
+from glmserve.model.kernels.paged import dot_precision, gather_rows, query_tiles
 
 # A program scores 64 queries of one sequence against 128 keys: the fastest tile on the H200 (480 TFLOP/s at 128K
 # keys, 2026-11-29; 128x128 with 8 warps gave 384). Keys are read once per tile of queries.
@@ -45,6 +45,7 @@ def _indexer_logits_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr,
     HAS_KEY_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     key_tile = tl.program_id(1)
@@ -80,7 +81,7 @@ def _indexer_logits_kernel(
     for h in range(num_heads):
         q = tl.load(q_ptrs + h * stride_qh, mask=s_mask[:, None], other=0.0)
         w = tl.load(w_ptrs + h, mask=s_mask, other=0.0)
-        scores = tl.dot(q, keys)
+        scores = tl.dot(q, keys, input_precision=DOT_PRECISION)
         acc += tl.maximum(scores, 0.0) * w[:, None]
 
     if HAS_KEY_SCALE:
@@ -89,6 +90,95 @@ def _indexer_logits_kernel(
         acc = acc * k_scale[None, :]
     acc = tl.where(offs_t[None, :] <= pos[:, None], acc, float("-inf"))
     tl.store(out_ptrs, acc, mask=out_mask)
+
+
+# Decode steps (a query or a few per sequence): one program per (query, key tile) with the heads as the matrix rows,
+# so no tile rows are wasted on absent queries; the step is bound by reading the keys.
+PER_QUERY_BLOCK_T = 128
+PER_QUERY_NUM_WARPS = 4
+
+
+@triton.jit
+def _indexer_logits_per_query_kernel(
+    q_ptr,
+    w_ptr,
+    k_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_seq_ptr,
+    query_pos_ptr,
+    stride_qs,
+    stride_qh,
+    stride_ws,
+    stride_kb,
+    stride_kt,
+    stride_bt,
+    stride_os,
+    num_heads,
+    max_context,
+    HEAD_DIM: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    key_tile = tl.program_id(1)
+    pos = tl.load(query_pos_ptr + s)
+    offs_t = key_tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    out_ptrs = out_ptr + s * stride_os + offs_t
+    out_mask = offs_t < max_context
+    if key_tile * BLOCK_T > pos:
+        tl.store(out_ptrs, tl.full([BLOCK_T], float("-inf"), tl.float32), mask=out_mask)
+        return
+
+    seq = tl.load(query_seq_ptr + s).to(tl.int64)
+    key_valid = offs_t <= pos
+    block = tl.load(block_tables_ptr + seq * stride_bt + offs_t // KV_BLOCK, mask=key_valid, other=0).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    keys = tl.load(
+        k_ptr + block[None, :] * stride_kb + (offs_t % KV_BLOCK)[None, :] * stride_kt + offs_d[:, None],
+        mask=key_valid[None, :],
+        other=0.0,
+    )  # [HEAD_DIM, BLOCK_T]
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < num_heads
+    q = tl.load(q_ptr + s * stride_qs + offs_h[:, None] * stride_qh + offs_d[None, :], mask=h_mask[:, None], other=0.0)
+    w = tl.load(w_ptr + s * stride_ws + offs_h, mask=h_mask, other=0.0)
+    scores = tl.dot(q, keys, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_T]
+    logits = tl.sum(tl.maximum(scores, 0.0) * w[:, None], axis=0)
+    tl.store(out_ptrs, tl.where(key_valid, logits, float("-inf")), mask=out_mask)
+
+
+def indexer_logits_per_query_triton(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    index_keys: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_seq: torch.Tensor,
+    query_pos: torch.Tensor,
+    max_context: int,
+    *,
+    block_t: int = PER_QUERY_BLOCK_T,
+    num_warps: int = PER_QUERY_NUM_WARPS,
+) -> torch.Tensor:
+    """Indexer logits [S, max_context] fp32, one program per query and key tile: the kernel for decode steps and
+    MTP verification (a few queries per sequence). Same contract as `indexer_logits_triton`, any query order, and
+    no host sync (CUDA-graph friendly)."""
+    num_queries, num_heads, head_dim = q.shape
+    assert head_dim == index_keys.shape[-1] and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    assert q.stride(-1) == 1 and index_keys.stride(-1) == 1 and weights.stride(-1) == 1
+    out = torch.empty(num_queries, max_context, dtype=torch.float32, device=q.device)
+    if num_queries == 0 or max_context == 0:
+        return out
+    _indexer_logits_per_query_kernel[(num_queries, triton.cdiv(max_context, block_t))](
+        q, weights, index_keys, out, block_tables, query_seq, query_pos,
+        q.stride(0), q.stride(1), weights.stride(0), index_keys.stride(0), index_keys.stride(1),
+        block_tables.stride(0), out.stride(0), num_heads, max_context,
+        HEAD_DIM=head_dim, KV_BLOCK=index_keys.shape[1], BLOCK_H=max(16, triton.next_power_of_2(num_heads)),
+        BLOCK_T=block_t, DOT_PRECISION=dot_precision(q.dtype), num_warps=num_warps,
+    )  # fmt: skip
+    return out
 
 
 def _launch_indexer(
@@ -104,6 +194,7 @@ def _launch_indexer(
     block_t: int,
     num_warps: int,
     num_stages: int,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     num_queries, num_heads, head_dim = q.shape
     assert head_dim == index_keys.shape[-1] and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
@@ -113,7 +204,7 @@ def _launch_indexer(
     out = torch.empty(num_queries, max_context, dtype=torch.float32, device=q.device)
     if num_queries == 0 or max_context == 0:
         return out
-    tile_start, tile_end = query_tiles(query_seq, block_s)
+    tile_start, tile_end = tiles if tiles is not None else query_tiles(query_seq, block_s)
     grid = (tile_start.numel(), triton.cdiv(max_context, block_t))
     scale_arg = key_scale if key_scale is not None else weights
     _indexer_logits_kernel[grid](
@@ -142,6 +233,7 @@ def _launch_indexer(
         BLOCK_S=block_s,
         BLOCK_T=block_t,
         HAS_KEY_SCALE=key_scale is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -161,15 +253,18 @@ def indexer_logits_triton(
     block_t: int = INDEXER_BLOCK_T,
     num_warps: int = INDEXER_NUM_WARPS,
     num_stages: int = INDEXER_NUM_STAGES,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Indexer logits [S, max_context] fp32 through Triton.
 
     q [S, H, D], weights [S, H] fp32, index_keys [num_blocks, block, D], block_tables [B, max_blocks] int32,
-    query_seq / query_pos [S] int32. Queries of one sequence must be contiguous in the batch.
+    query_seq / query_pos [S] int32. Queries of one sequence must be contiguous in the batch. `tiles`: the
+    (start, end) int32 query tiles of at most `block_s` queries of one sequence, when the caller has them (no host
+    sync then: CUDA-graph friendly); by default they are computed here.
     """
     return _launch_indexer(
         q, weights, index_keys, None, block_tables, query_seq, query_pos, max_context,
-        block_s, block_t, num_warps, num_stages,
+        block_s, block_t, num_warps, num_stages, tiles,
     )  # fmt: skip
 
 
@@ -188,13 +283,14 @@ def indexer_logits_fp8_triton(
     block_t: int = INDEXER_BLOCK_T,
     num_warps: int = INDEXER_NUM_WARPS,
     num_stages: int = INDEXER_NUM_STAGES,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Indexer logits from e4m3 queries (scale per (s, h)) and e4m3 keys (scale per token [num_blocks, block])."""
     # The query scale is positive, so it moves out of the relu and into the head weight.
     scaled_weights = (weights * q_scale).float().contiguous()
     return _launch_indexer(
         q_fp8, scaled_weights, keys_fp8, key_scale, block_tables, query_seq, query_pos, max_context,
-        block_s, block_t, num_warps, num_stages,
+        block_s, block_t, num_warps, num_stages, tiles,
     )  # fmt: skip
 
 

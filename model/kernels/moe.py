@@ -6,12 +6,14 @@ GEMM tile. Two paths: Triton grouped GEMMs (gate/up fused with SiLU*up, then dow
 `torch._grouped_mm` where this torch has it. No host sync in either.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from glmserve.model.kernels.paged import dot_precision
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class ExpertRouting:
 
     order: torch.Tensor  # [N*k] flat (token * k + slot) index of each sorted row
     sorted_token: torch.Tensor  # [N*k] int32 token of each sorted row
-    counts: torch.Tensor  # [E] rows per expert
+    counts: torch.Tensor | None  # [E] rows per expert (None from `route_pairs`, which does not count)
     tile_expert: torch.Tensor  # [num_tiles] int32 expert of each tile, -1 for the unused tail
     tile_row_start: torch.Tensor  # [num_tiles] int32 first sorted row of the tile
     tile_row_end: torch.Tensor  # [num_tiles] int32 end of the tile's expert rows
@@ -50,6 +52,22 @@ def route_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Expe
     )
 
 
+def route_pairs(topk_ids: torch.Tensor) -> ExpertRouting:
+    """One tile per (token, slot) pair, in place, without sorting: for batches so small that experts are rarely
+    shared (decode at small batch). A handful of launches instead of a sort and its bookkeeping; an expert picked by
+    two pairs has its weights read twice."""
+    num_tokens, k = topk_ids.shape
+    pairs = torch.arange(num_tokens * k, dtype=torch.int32, device=topk_ids.device)
+    return ExpertRouting(
+        order=pairs,
+        sorted_token=pairs // k,
+        counts=None,
+        tile_expert=topk_ids.flatten().to(torch.int32),
+        tile_row_start=pairs,
+        tile_row_end=pairs + 1,
+    )
+
+
 @triton.jit
 def _gate_up_silu_kernel(
     x_ptr,
@@ -68,6 +86,7 @@ def _gate_up_silu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
@@ -88,8 +107,8 @@ def _gate_up_silu_kernel(
         k_mask = offs_k < hidden - k0
         x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        acc_gate = tl.dot(x, tl.load(gate_ptrs + k0, mask=w_mask, other=0.0), acc_gate)
-        acc_up = tl.dot(x, tl.load(up_ptrs + k0, mask=w_mask, other=0.0), acc_up)
+        acc_gate = tl.dot(x, tl.load(gate_ptrs + k0, mask=w_mask, other=0.0), acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(x, tl.load(up_ptrs + k0, mask=w_mask, other=0.0), acc_up, input_precision=DOT_PRECISION)
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up
     act_ptrs = act_ptr + offs_m.to(tl.int64)[:, None] * stride_an + offs_n[None, :]
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -114,6 +133,7 @@ def _down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
@@ -131,7 +151,7 @@ def _down_kernel(
         k_mask = offs_k < inter - k0
         a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     # Each sorted row goes back to its (token, slot) place, scaled by its routing weight.
     flat = tl.load(row_order_ptr + offs_m, mask=m_mask, other=0)
     acc = acc * tl.load(route_weight_ptr + flat, mask=m_mask, other=0.0)[:, None]
@@ -148,14 +168,19 @@ class MoeLaunch:
     num_stages: int
 
 
-def default_moe_launch(num_rows: int, num_experts: int) -> MoeLaunch:
-    """Tile rows to the average expert load: decode sends a handful of rows per expert, prefill hundreds."""
+def default_moe_launch(num_rows: int, num_experts: int, itemsize: int = 2) -> MoeLaunch:
+    """Tile rows to the average expert load: decode sends a handful of rows per expert, prefill hundreds. fp32 tiles
+    take twice the shared memory: shorter K steps and one buffer fewer."""
     rows_per_expert = num_rows / num_experts
     if rows_per_expert <= 16:
-        return MoeLaunch(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)
-    if rows_per_expert <= 64:
-        return MoeLaunch(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
-    return MoeLaunch(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        launch = MoeLaunch(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 64:
+        launch = MoeLaunch(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+    else:
+        launch = MoeLaunch(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    if itemsize > 2:
+        launch = replace(launch, block_k=min(launch.block_k, 64), num_stages=min(launch.num_stages, 3))
+    return launch
 
 
 def moe_experts_triton(
@@ -172,14 +197,17 @@ def moe_experts_triton(
     inter = two_inter // 2
     k = topk_ids.shape[1]
     assert x.stride(-1) == 1 and w_gate_up.stride(-1) == 1 and w_down.stride(-1) == 1
-    launch = launch or default_moe_launch(num_tokens * k, num_experts)
-    routing = route_tokens(topk_ids, num_experts, launch.block_m)
+    launch = launch or default_moe_launch(num_tokens * k, num_experts, x.element_size())
+    if num_tokens * k <= num_experts:  # so few pairs that sorting them by expert buys little
+        routing = route_pairs(topk_ids)
+    else:
+        routing = route_tokens(topk_ids, num_experts, launch.block_m)
     num_tiles = routing.tile_expert.numel()
     act = torch.empty(num_tokens * k, inter, dtype=x.dtype, device=x.device)
     _gate_up_silu_kernel[(num_tiles, triton.cdiv(inter, launch.block_n))](
         x, w_gate_up, act, routing.sorted_token, routing.tile_expert, routing.tile_row_start, routing.tile_row_end,
         hidden, inter, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     y = torch.empty(num_tokens * k, hidden, dtype=x.dtype, device=x.device)
@@ -187,7 +215,7 @@ def moe_experts_triton(
     _down_kernel[(num_tiles, triton.cdiv(hidden, launch.block_n))](
         act, w_down, y, routing.order, route_weight, routing.tile_expert, routing.tile_row_start,
         routing.tile_row_end, inter, hidden, act.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return y.view(num_tokens, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -1,6 +1,13 @@
-"""Helpers shared by the paged-cache kernels: addressing rows by position, and tiling queries by sequence."""
+"""Helpers shared by the paged-cache kernels: addressing rows by position, tiling queries by sequence, and the
+precision of their dot products."""
 
 import torch
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: full fp32 for fp32 operands (so the fp32 engine on GPU matches the CPU path), the
+    default tensor-core path (tf32, which only applies to fp32 operands) for everything else."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def gather_rows(pool: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

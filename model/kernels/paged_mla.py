@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glmserve.model.kernels.paged import dot_precision
+
 LOG2E = 1.4426950408889634
 
 
@@ -57,6 +59,7 @@ def _attend_keys(
     KV_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over keys n_begin..n_end (positions, or slots of the top-k row); scores in log2 units."""
     offs_v = tl.arange(0, D_V)
@@ -75,15 +78,15 @@ def _attend_keys(
         kv = tl.load(row_ptr[:, None] + offs_v[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D_V]
         k_rope = tl.load(row_ptr[:, None] + D_V + offs_r[None, :], mask=valid[:, None], other=0.0)
 
-        scores = tl.dot(q_nope, tl.trans(kv))
-        scores = tl.dot(q_rope, tl.trans(k_rope), scores)
+        scores = tl.dot(q_nope, tl.trans(kv), input_precision=DOT_PRECISION)
+        scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION)
         scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays at 0
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None])
+        acc = tl.dot(p.to(kv.dtype), kv, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -123,6 +126,7 @@ def _mla_prefill_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -139,7 +143,7 @@ def _mla_prefill_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc, m_i, l_i = _attend_keys(
         acc, m_i, l_i, q_nope, q_rope, latent_ptr, block_tables_ptr + seq * stride_bt, topk_ptr + s * stride_ts,
-        0, n_end, qk_scale, stride_lb, stride_lt, D_V, D_R, KV_BLOCK, BLOCK_N, DENSE,
+        0, n_end, qk_scale, stride_lb, stride_lt, D_V, D_R, KV_BLOCK, BLOCK_N, DENSE, DOT_PRECISION,
     )  # fmt: skip
 
     has_keys = l_i > 0.0
@@ -176,6 +180,7 @@ def _mla_decode_split_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     s = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -196,7 +201,7 @@ def _mla_decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc, m_i, l_i = _attend_keys(
         acc, m_i, l_i, q_nope, q_rope, latent_ptr, block_tables_ptr + seq * stride_bt, topk_ptr + s * stride_ts,
-        n_begin, n_end, qk_scale, stride_lb, stride_lt, D_V, D_R, KV_BLOCK, BLOCK_N, DENSE,
+        n_begin, n_end, qk_scale, stride_lb, stride_lt, D_V, D_R, KV_BLOCK, BLOCK_N, DENSE, DOT_PRECISION,
     )  # fmt: skip
 
     has_keys = l_i > 0.0
@@ -287,7 +292,7 @@ def mla_prefill_triton(
         0 if dense else topk.stride(0), o.stride(0), o.stride(1),
         num_heads, 0 if dense else topk.shape[1], softmax_scale * LOG2E,
         D_V=value_dim, D_R=rope_dim, KV_BLOCK=latent.shape[1], BLOCK_H=block_h, BLOCK_N=launch.block_n,
-        DENSE=dense, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        DENSE=dense, DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     return o, lse
 
@@ -327,7 +332,7 @@ def mla_decode_triton(
         0 if dense else topk.stride(0),
         num_heads, 0 if dense else topk.shape[1], num_splits, softmax_scale * LOG2E,
         D_V=value_dim, D_R=rope_dim, KV_BLOCK=latent.shape[1], BLOCK_H=block_h, BLOCK_N=launch.block_n,
-        DENSE=dense, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        DENSE=dense, DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     _mla_combine_kernel[(num_queries, num_heads)](
         o_part, lse_part, o, lse, o.stride(0), o.stride(1), num_heads, num_splits,
@@ -373,6 +378,25 @@ def mla_attention_reference(
     return o, lse
 
 
+def mla_attention_triton(
+    q: torch.Tensor,
+    latent: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_seq: torch.Tensor,
+    query_pos: torch.Tensor,
+    softmax_scale: float,
+    value_dim: int,
+    topk_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode kernel when the queries are too few to fill the GPU, else the prefill kernel. The choice depends
+    on shapes only (no host sync)."""
+    args = (q, latent, block_tables, query_seq, query_pos, softmax_scale, value_dim, topk_idx)
+    prefill_programs = q.shape[0] * triton.cdiv(q.shape[1], PREFILL_LAUNCH.block_h)
+    if prefill_programs >= 2 * _sm_count(q.device):
+        return mla_prefill_triton(*args)
+    return mla_decode_triton(*args)
+
+
 def mla_attention(
     q: torch.Tensor,
     latent: torch.Tensor,
@@ -383,12 +407,6 @@ def mla_attention(
     value_dim: int,
     topk_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paged MLA: the decode kernel when the queries are too few to fill the GPU, else the prefill kernel;
-    plain torch off CUDA."""
-    args = (q, latent, block_tables, query_seq, query_pos, softmax_scale, value_dim, topk_idx)
-    if not q.is_cuda:
-        return mla_attention_reference(*args)
-    prefill_programs = q.shape[0] * triton.cdiv(q.shape[1], PREFILL_LAUNCH.block_h)
-    if prefill_programs >= 2 * _sm_count(q.device):
-        return mla_prefill_triton(*args)
-    return mla_decode_triton(*args)
+    """Paged MLA: the Triton kernels on CUDA, plain torch elsewhere."""
+    fn = mla_attention_triton if q.is_cuda else mla_attention_reference
+    return fn(q, latent, block_tables, query_seq, query_pos, softmax_scale, value_dim, topk_idx)

@@ -11,6 +11,7 @@ programs and compacting candidates after the first pass are the next steps.
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -132,6 +133,22 @@ def topk_positions_reference(scores: torch.Tensor, query_pos: torch.Tensor, k: i
     # topk puts the -inf padding last only by value; rank by slot so exactly the causal count is kept.
     ranks = torch.arange(k, device=scores.device)[None, :]
     return torch.where(ranks < n_valid, index, -1).to(torch.int32)
+
+
+def topk_causal_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k positions [S, k] int32 of indexer logits that are already -inf past each query's position (as the
+    indexer kernels write them), best first, -1 where a pick is -inf (fewer than k causal keys). No host sync.
+
+    Among equal scores the lower position wins, as on the CPU path (ReLU makes exact ties common in small models):
+    torch.topk takes a margin of extra candidates, which are ordered by position and then stably by score. The rule
+    holds whenever at most the margin of tied keys fall past the k-th place."""
+    width = logits.shape[-1]
+    values, index = logits.topk(min(k + max(64, k // 8), width), dim=-1, sorted=False)
+    index, by_position = index.sort(dim=-1)
+    values, by_score = values.gather(-1, by_position).sort(dim=-1, descending=True, stable=True)
+    index, values = index.gather(-1, by_score)[:, :k], values[:, :k]
+    picks = torch.where(values > float("-inf"), index, -1).to(torch.int32)
+    return F.pad(picks, (0, k - picks.shape[-1]), value=-1) if picks.shape[-1] < k else picks
 
 
 def topk_positions(scores: torch.Tensor, query_pos: torch.Tensor, k: int) -> torch.Tensor:

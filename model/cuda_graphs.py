@@ -1,0 +1,116 @@
+"""CUDA graphs of pure decode steps (one new token per sequence).
+
+A decode step is a few hundred small launches; at small batch their launch cost exceeds their work, and a graph
+replays them back to back. One graph per (padded batch size, context bucket): the bucket fixes every host-side
+value the launches use, namely the indexer logits width (a power of two >= the longest context) and the
+block-table width, or dense attention while no context exceeds index_topk. Padding rows repeat the last real
+sequence: they compute and write exactly what it does (the same values to the same slots) and are dropped.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from .attention_backend import IndexChunk, index_chunk_plan
+from .model_runner import ModelRunner, SeqChunk, StepOutput
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+Step = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _Graph:
+    """A captured step (or, without capture, the same step run eagerly on the same static inputs)."""
+
+    def __init__(self, step: Step, capture: bool, pool: tuple | None):
+        self.step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if not capture:
+            return
+        # Warm up on a side stream first (Triton compiles, cuBLAS picks its kernels): it runs the real step once,
+        # writing the same KV the replay writes again.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = step()
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph is None:
+            return self.step()
+        self.graph.replay()
+        return self.outputs
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_batch: int, capture: bool = True):
+        """`capture=False` runs the same static-input steps eagerly (CPU tests of the padding and buckets)."""
+        self.runner = runner
+        self.sizes = [s for s in GRAPH_BATCH_SIZES if s < max_batch] + [max_batch]
+        self.capture = capture
+        self.block_size = runner.cache.spec.block_size
+        device = runner.device
+        self.inputs = torch.zeros(3, max_batch, dtype=torch.long, device=device)  # token, position, table row
+        self.block_tables = torch.zeros(max_batch, runner.tables.max_blocks, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool: tuple | None = None
+
+    def accepts(self, chunks: list[SeqChunk]) -> bool:
+        return 0 < len(chunks) <= self.sizes[-1] and all(len(c.token_ids) == 1 == c.num_logits for c in chunks)
+
+    def bucket(self, max_context: int) -> int:
+        """The context width a step is captured for: index_topk while attention is dense, else a power of two."""
+        topk = self.runner.config.index_topk
+        if max_context <= topk:
+            return topk
+        return min(1 << (max_context - 1).bit_length(), self.runner.tables.max_blocks * self.block_size)
+
+    def run(self, chunks: list[SeqChunk], keep_all_hidden: bool) -> StepOutput:
+        n = len(chunks)
+        size = next(s for s in self.sizes if s >= n)
+        width = self.bucket(max(c.start_pos + 1 for c in chunks))
+        rows = self.runner.tables.rows_for([c.block_table for c in chunks])
+        pad = size - n
+        host = torch.tensor([
+            [c.token_ids[0] for c in chunks] + [chunks[-1].token_ids[0]] * pad,
+            [c.start_pos for c in chunks] + [chunks[-1].start_pos] * pad,
+            rows + [rows[-1]] * pad,
+        ])  # fmt: skip
+        self.inputs[:, :size].copy_(host)
+        blocks = -(-width // self.block_size)
+        self.block_tables[:size, :blocks] = self.runner.tables.table[self.inputs[2, :size], :blocks]
+        graph = self.graphs.get((size, width))
+        if graph is None:
+            graph = self.graphs[(size, width)] = _Graph(self._step(size, width), self.capture, self.pool)
+            if graph.graph is not None:
+                self.pool = graph.graph.pool()  # later graphs share the memory of earlier ones (replays never overlap)
+        logits, hidden = graph.run()
+        hidden = hidden[:n].clone()
+        return StepOutput(logits=logits[:n].clone(), hidden=hidden, all_hidden=hidden if keep_all_hidden else None)
+
+    def _step(self, size: int, width: int) -> Step:
+        runner = self.runner
+        device = runner.device
+        ids, positions = self.inputs[0, :size], self.inputs[1, :size]
+        block_tables = self.block_tables[:size, : -(-width // self.block_size)]
+        query_start = list(range(size + 1))
+        ranges, first_tile, starts, ends = index_chunk_plan(query_start, width, runner.attention.tile_queries)
+        tiles = torch.tensor([starts, ends], dtype=torch.int32, device=device)
+        plan = [
+            IndexChunk(b, e, tiles[0, t0:t1], tiles[1, t0:t1])
+            for (b, e), t0, t1 in zip(ranges, first_tile, first_tile[1:] + [len(starts)], strict=True)
+        ]
+        rows = torch.arange(size, device=device)
+        rows32 = rows.int()
+
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            inputs = runner.step_inputs(
+                [], ids, positions, rows32, block_tables, query_start, [width] * size, width, rows, rows, plan
+            )
+            out = runner.execute(inputs)
+            return out.logits, out.hidden
+
+        return step
