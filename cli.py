@@ -53,6 +53,14 @@ def _bench_kvtransfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_quiet(module: str, function: str, *args) -> int:
+    """Import a benchmark only when chosen: the GPU ones pull in Triton."""
+    import importlib
+
+    getattr(importlib.import_module(module), function)(*args)
+    return 0
+
+
 def _bench_mtp(args: argparse.Namespace) -> int:
     from glmserve.decode.bench_mtp import run_bench_mtp
 
@@ -116,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     kvt = bench.add_parser("kvtransfer", help="KV transfer throughput (tcp loopback; cuda_ipc vs the copy ceiling)")
     add_kvtransfer_args(kvt)
     kvt.set_defaults(func=_bench_kvtransfer)
+    kernels = bench.add_parser("kernels", help="Triton kernels vs their peers and the GPU's ceilings (CUDA)")
+    kernels.add_argument("--output-json", default="bench_kernels.json")
+    kernels.set_defaults(func=lambda a: _run_quiet("glmserve.model.kernels.bench", "run_kernel_bench", a.output_json))
+    model = bench.add_parser("model", help="engine prefill/decode vs transformers and the HBM roofline; 1M prefill")
+    model.add_argument("--output-json", default="bench_model.json")
+    model.add_argument("--sections", nargs="+", default=None, help="small, large, attention (default: all)")
+    model.add_argument("--quick", action="store_true")
+    model.add_argument("--long-context", type=int, default=1 << 20)
+    model.set_defaults(
+        func=lambda a: _run_quiet(
+            "glmserve.model.bench_model", "run_model_bench", a.output_json, a.sections, a.quick, a.long_context
+        )
+    )
     mtp = bench.add_parser("mtp", help="MTP acceptance and speedup on held-out code vs no speculation")
     mtp.add_argument("--model", default=None)
     mtp.add_argument("--device", default="auto")
