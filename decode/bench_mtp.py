@@ -16,6 +16,7 @@ from glmserve.model.train_tokenizer import corpus_files, stdlib_root
 from .llm import LLM
 
 log = logging.getLogger(__name__)
+KV_BUDGET = 1 << 30
 
 
 def _run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, int, list]:
@@ -38,14 +39,16 @@ def run_bench_mtp(
     root = stdlib_root()
     prompts = [p.prompt for p in function_prompts(root, corpus_files(root, heldout=True), num_prompts)]
     rows = []
+    # Several engines live in this process: each gets a fixed KV budget instead of a share of the GPU.
+    common = {"device": device, "kv_cache_memory_bytes": KV_BUDGET}
     for batch in batch_sizes:
-        engines = {"off": LLM(model, device=device, max_num_seqs=batch)}
+        engines = {"off": LLM(model, max_num_seqs=batch, **common)}
         for k in ks:
             engines[f"K={k}"] = LLM(
-                model, device=device, max_num_seqs=batch, num_speculative_tokens=k, adaptive_speculation=False
+                model, max_num_seqs=batch, num_speculative_tokens=k, adaptive_speculation=False, **common
             )
-        engines[f"K={max(ks)} adaptive"] = LLM(model, device=device, max_num_seqs=batch, num_speculative_tokens=max(ks))
-        engines[f"K={max(ks)} no index share"] = _without_index_share(model, device, batch, max(ks))
+        engines[f"K={max(ks)} adaptive"] = LLM(model, max_num_seqs=batch, num_speculative_tokens=max(ks), **common)
+        engines[f"K={max(ks)} no index share"] = _without_index_share(model, batch, max(ks), common)
         baseline_tokens = None
         for name, llm in engines.items():
             _run(llm, prompts[:2], 8)  # warm-up
@@ -86,8 +89,8 @@ def run_bench_mtp(
     return result
 
 
-def _without_index_share(model: str | None, device: str, batch: int, k: int) -> LLM:
+def _without_index_share(model: str | None, batch: int, k: int, common: dict) -> LLM:
     """The same engine with index_share_for_mtp_iteration off: every draft step runs the MTP indexer."""
-    llm = LLM(model, device=device, max_num_seqs=batch, num_speculative_tokens=k, adaptive_speculation=False)
+    llm = LLM(model, max_num_seqs=batch, num_speculative_tokens=k, adaptive_speculation=False, **common)
     llm.engine.drafter.share_topk = False
     return llm

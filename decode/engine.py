@@ -103,6 +103,11 @@ class LLMEngine:
             num_blocks = num_blocks_for_budget(spec, gpu_kv_budget(device, args.gpu_memory_utilization))
         else:
             num_blocks = num_blocks_for_budget(spec, CPU_KV_BUDGET)
+        if num_blocks < 1:
+            raise ValueError(
+                f"no room for a KV cache ({num_blocks} blocks): gpu_memory_utilization={args.gpu_memory_utilization} "
+                "of the GPU is already in use (another engine in this process?); set kv_cache_memory_bytes"
+            )
         self.cache = PagedKVCache(spec, num_blocks, device)
         self.max_model_len = min(args.max_model_len or self.config.max_position_embeddings, self.cache.max_tokens)
         log.info(
