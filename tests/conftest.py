@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton picks the interpreter when a kernel is decorated: set it before any test module imports a kernel.
+    os.environ["TRITON_INTERPRET"] = "1"
+
 SHARED = Path(os.environ.get("GLMSERVE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 

@@ -5,21 +5,11 @@ bf16 and fp8 checks run on the GPU (`-m gpu`). Every check draws fresh random in
 block tables, several sequences of different lengths, positions on block boundaries, -1 padded top-k rows.
 """
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # The interpreter is chosen when a kernel is decorated: re-import kernel modules loaded before this switch.
-    os.environ["TRITON_INTERPRET"] = "1"
-    for name in [m for m in sys.modules if m.startswith("glmserve.model.kernels.")]:
-        importlib.reload(sys.modules[name])
-
-from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, rms_norm, topk  # noqa: E402
-from glmserve.model.kernels.paged import gather_rows, query_tiles  # noqa: E402
+from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, rms_norm, topk
+from glmserve.model.kernels.paged import gather_rows, query_tiles
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
