@@ -29,6 +29,7 @@ from .outputs import CompletionDelta, CompletionOutput, Logprob, RequestOutput, 
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .spec_decode import verify_drafts
+from .spec_graphs import SpecDecodeGraphs
 from .spec_policy import SpeculationPolicy
 from .validation import InvalidRequest, validate_request
 
@@ -122,6 +123,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache)
         self.drafter = MTPDrafter(self.runner) if args.num_speculative_tokens > 0 else None
+        self.spec_graphs = None
+        if self.drafter is not None and self.runner.graphs is not None:
+            graphs = self.runner.graphs
+            self.spec_graphs = SpecDecodeGraphs(
+                self.runner, self.drafter, graphs.max_batch, args.num_speculative_tokens, graphs.capture
+            )
         self.policy = SpeculationPolicy(args.num_speculative_tokens, seed=args.seed)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -248,12 +255,17 @@ class LLMEngine:
         if not chunks:
             return []
         t0 = time.perf_counter()
-        result = self.runner.forward(chunks, keep_all_hidden=self.drafter is not None)
-        finishing = self._sample_or_verify(ready, result)
+        num_drafts = self._spec_graph_drafts(plan.scheduled, ready, chunks, k)
+        if num_drafts is not None:
+            finishing = self._spec_graph_step(ready, chunks, k, num_drafts)
+        else:
+            result = self.runner.forward(chunks, keep_all_hidden=self.drafter is not None)
+            finishing = self._sample_or_verify(ready, result)
         for seq, _ in plan.scheduled:
             self.scheduler.publish_full_blocks(seq)
         if self.drafter is not None:
-            self._draft(plan.scheduled, chunks, result, finishing, k)
+            if num_drafts is None:
+                self._draft(plan.scheduled, chunks, result, finishing, k)
             if len(ready) == len(plan.scheduled):  # a pure decode step times the verify + draft cost of k
                 self.policy.record_step(len(ready), k, time.perf_counter() - t0)
         for seq, reason in finishing.items():
@@ -295,34 +307,87 @@ class LLMEngine:
                 new_tokens[seq] = self._verify(seq, rows)
         finishing: dict[Sequence, str] = {}
         for seq in ready:
-            for j, token in enumerate(new_tokens[seq]):
-                entry = None
-                if seq.params.logprobs is not None:
-                    entry = self._logprob_entry(result.logits[first_row[seq] + j], token, seq.params.logprobs)
-                reason = self._append(self._tracks[seq], token, entry)
-                if reason is not None:
-                    finishing[seq] = reason
-                    break
-            if self.hidden_hook is not None:
-                last = first_row[seq] + len(new_tokens[seq]) - 1
-                self.hidden_hook(seq.request_id.rpartition("#")[0], result.hidden[last])
+            rows = slice(first_row[seq], first_row[seq] + len(new_tokens[seq]))
+            reason = self._commit(seq, new_tokens[seq], result.logits[rows], result.hidden[rows])
+            if reason is not None:
+                finishing[seq] = reason
         return finishing
 
+    def _spec_graph_drafts(self, scheduled, ready: list[Sequence], chunks: list[SeqChunk], k: int) -> int | None:
+        """How many drafts to make if this step can run as one speculative-step graph (a pure decode step of
+        argmax-only requests verifying equally many drafts, with blocks for the next drafts), else None."""
+        if self.spec_graphs is None or len(ready) != len(scheduled) or not self.spec_graphs.accepts(chunks):
+            return None
+        if not all(seq.params.argmax_only(len(seq.output_token_ids)) for seq in ready):
+            return None
+        num_drafts = max(self._k_for(seq, k) for seq in ready)
+        verified = len(chunks[0].token_ids)
+        for seq, chunk in zip(ready, chunks, strict=True):
+            if not self.scheduler.ensure_blocks(seq, chunk.start_pos + verified - 1 + num_drafts):
+                return None
+        return num_drafts
+
+    def _spec_graph_step(
+        self, ready: list[Sequence], chunks: list[SeqChunk], k: int, num_drafts: int
+    ) -> dict[Sequence, str]:
+        """Verify, catch up and draft in one replay; then the same bookkeeping as the eager path."""
+        out = self.spec_graphs.run(chunks, num_drafts)
+        finishing: dict[Sequence, str] = {}
+        for i, seq in enumerate(ready):
+            tokens = out.target[i][: out.accepted[i] + 1]
+            if seq.drafts:
+                self._accept(seq, len(self._take_drafts(seq)[0]), tokens)
+            reason = self._commit(seq, tokens, None, out.hidden[i])
+            seq.draft_probs = None
+            if reason is None:
+                seq.drafts = out.drafts[i][: self._k_for(seq, k)]
+            else:
+                finishing[seq], seq.drafts = reason, []
+        return finishing
+
+    def _commit(
+        self, seq: Sequence, tokens: list[int], logits: torch.Tensor | None, hidden: torch.Tensor
+    ) -> str | None:
+        """Append a step's new tokens to one sequence, up to the first that finishes it (its reason is returned).
+        `logits` / `hidden`: the sequence's rows of the step, one per new token (logits only for logprobs)."""
+        reason = None
+        for j, token in enumerate(tokens):
+            entry = None
+            if seq.params.logprobs is not None:
+                entry = self._logprob_entry(logits[j], token, seq.params.logprobs)
+            reason = self._append(self._tracks[seq], token, entry)
+            if reason is not None:
+                break
+        if self.hidden_hook is not None:
+            self.hidden_hook(seq.request_id.rpartition("#")[0], hidden[len(tokens) - 1])
+        return reason
+
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
-        """Accept a prefix of the drafts and add one target token; roll the rejected positions back."""
-        k = len(seq.drafts)
-        batch = self._sampling_batch([seq] * (k + 1), [seq.drafts[:i] for i in range(k + 1)])
+        """Accept a prefix of the drafts and add one target token."""
+        drafts, draft_probs = self._take_drafts(seq)
+        k = len(drafts)
+        # row i's penalties count the outputs and the drafts before it
+        batch = self._sampling_batch([seq] * (k + 1), [drafts[:i] for i in range(k + 1)])
         target = self.sampler.probs(logits, batch)
-        tokens = verify_drafts(target, seq.drafts, seq.draft_probs, batch.generators[0], seq.params.is_greedy)
+        tokens = verify_drafts(target, drafts, draft_probs, batch.generators[0], seq.params.is_greedy)
+        self._accept(seq, k, tokens)
+        return tokens
+
+    def _take_drafts(self, seq: Sequence) -> tuple[list[int], torch.Tensor | None]:
+        """Remove the verified drafts from the sequence; returns them and their probabilities."""
+        drafts, probs = seq.drafts, seq.draft_probs
+        self._drop_drafts(seq, len(drafts))
+        return drafts, probs
+
+    def _accept(self, seq: Sequence, k: int, tokens: list[int]) -> None:
+        """Count a verification of k drafts that kept `tokens` (accepted drafts, then one target token). The
+        positions after them hold KV of rejected tokens: they are recomputed (and their MTP entries rewritten)
+        before anything reads them, so rolling back is forgetting them."""
         self.policy.record_verification(k, len(tokens) - 1)
         seq.num_spec_steps += 1
         seq.num_drafted += k
         seq.num_accepted += len(tokens) - 1
-        # Positions after the last accepted draft hold KV of rejected tokens: they are recomputed (and their MTP
-        # entries rewritten) before anything reads them, so rolling back is forgetting them.
-        self._drop_drafts(seq, k)
         seq.num_computed_tokens = seq.num_tokens + len(tokens) - 1
-        return tokens
 
     def _append(self, track: _Track, token: int, logprob: dict[int, Logprob] | None) -> str | None:
         """Add one token to a sequence and run the stop checks; returns the finish reason, if any (the caller
@@ -386,7 +451,7 @@ class LLMEngine:
         remaining = {s: want for s, want, _ in drafting}
         active = [s for s, _, _ in drafting]
         # IndexShare for MTP: every draft step reuses the picks of the catch-up pass (None: each step picks anew)
-        picks = self.drafter.reusable(out.chosen)
+        picks = self.drafter.reusable(out)
         if picks is not None:
             picks = [picks[i] for _, _, i in drafting]
         hidden, logits = out.hidden, out.logits
@@ -405,7 +470,8 @@ class LLMEngine:
             active = [active[i] for i in keep]
             picks = None if picks is None else [picks[i] for i in keep]
             step_chunks = [
-                SeqChunk([s.drafts[-1]], s.num_tokens - 1 + len(s.drafts), s.block_table, 1, s.request_id)
+                # draft i sits at sequence position num_tokens + i - 1, so MTP position num_tokens + i - 2 reads it
+                SeqChunk([s.drafts[-1]], s.num_tokens - 2 + len(s.drafts), s.block_table, 1, s.request_id)
                 for s in active
             ]
             out = self.drafter.run(step_chunks, hidden[keep], picks)

@@ -11,6 +11,12 @@ import torch
 from glmserve.model.sampler import draw
 
 
+def accepted_prefix(targets: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+    """How many leading drafts equal the target's tokens at their positions (greedy acceptance), along the last
+    dim: [..., K] -> [...]."""
+    return (targets == drafts).int().cumprod(-1).sum(-1)
+
+
 def verify_drafts(
     target_probs: torch.Tensor,
     drafts: list[int],
@@ -23,13 +29,9 @@ def verify_drafts(
     Returns the accepted drafts followed by one token from the target (1 to K+1 tokens).
     """
     if greedy:
-        best = target_probs.argmax(-1).tolist()
-        out = []
-        for i, d in enumerate(drafts):
-            if d != best[i]:
-                break
-            out.append(d)
-        return out + [best[len(out)]]
+        best = target_probs.argmax(-1)
+        n = int(accepted_prefix(best[:-1], torch.tensor(drafts, dtype=best.dtype, device=best.device)))
+        return drafts[:n] + [int(best[n])]
     uniforms = torch.rand(len(drafts), generator=generator).tolist() if drafts else []
     out = []
     for i, d in enumerate(drafts):

@@ -114,9 +114,13 @@ class TorchAttention:
         return chosen
 
     @staticmethod
-    def last_query_picks(chosen: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Each sequence's last query's picks, reused by a one-token step right after (MTP draft steps)."""
-        return [None if picks is None else picks[-1:] for picks in chosen]
+    def picks_at(chosen: list[torch.Tensor | None], batch: PagedBatch, rows: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per sequence b, the picks [1, k] of the step's query `rows[b]`, reused by a one-token step right after
+        (MTP draft steps)."""
+        return [
+            None if picks is None else picks.index_select(0, rows[b : b + 1] - batch.query_start[b])
+            for b, picks in enumerate(chosen)
+        ]
 
     def attend(
         self,
@@ -215,13 +219,13 @@ class TritonAttention:
         return TopkPicks(picks, batch.last_query)
 
     @staticmethod
-    def last_query_picks(chosen: TopkPicks | None) -> list[torch.Tensor] | None:
-        """Each sequence's last query's picks [1, k], one list entry per sequence (the engine keeps the entries of
-        the sequences still drafting), reused by the one-token steps right after (MTP draft steps). None after a
-        dense step: the draft steps then select their own."""
+    def picks_at(chosen: TopkPicks | None, batch: PagedBatch, rows: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per sequence b, the picks [1, k] of the step's query `rows[b]`, one list entry per sequence (the engine
+        keeps the entries of the sequences still drafting), reused by the one-token steps right after (MTP draft
+        steps). None after a dense step: the draft steps then select their own."""
         if chosen is None:
             return None
-        return list(chosen.positions[chosen.last_query].split(1))
+        return list(chosen.positions[rows].split(1))
 
     def attend(
         self,
@@ -232,7 +236,7 @@ class TritonAttention:
         kv_lora_rank: int,
         scale: float,
     ) -> torch.Tensor:
-        """`chosen`: this step's picks, or `last_query_picks` entries of one-query sequences (MTP draft steps)."""
+        """`chosen`: this step's picks, or `picks_at` entries of one-query sequences (MTP draft steps)."""
         if isinstance(chosen, list):
             chosen = TopkPicks(torch.cat(chosen), batch.last_query)
         topk_idx = None if chosen is None else chosen.positions

@@ -11,15 +11,27 @@ from collections.abc import Callable
 
 import torch
 
-from .attention_backend import IndexChunk, index_chunk_plan
 from .model_runner import ModelRunner, SeqChunk, StepOutput
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
-Step = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[], tuple[torch.Tensor, ...]]
 
 
-class _Graph:
+def padded_batch_size(n: int, max_batch: int) -> int:
+    """The captured batch size a step of `n` sequences runs at."""
+    return min(next((s for s in GRAPH_BATCH_SIZES if s >= n), max_batch), max_batch)
+
+
+def context_bucket(runner: ModelRunner, max_context: int) -> int:
+    """The context width a step is captured for: index_topk while attention is dense, else a power of two."""
+    topk = runner.config.index_topk
+    if max_context <= topk:
+        return topk
+    return min(1 << (max_context - 1).bit_length(), runner.tables.max_blocks * runner.cache.spec.block_size)
+
+
+class CapturedStep:
     """A captured step (or, without capture, the same step run eagerly on the same static inputs)."""
 
     def __init__(self, step: Step, capture: bool, pool: tuple | None):
@@ -38,7 +50,7 @@ class _Graph:
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = step()
 
-    def run(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self) -> tuple[torch.Tensor, ...]:
         if self.graph is None:
             return self.step()
         self.graph.replay()
@@ -49,29 +61,22 @@ class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_batch: int, capture: bool = True):
         """`capture=False` runs the same static-input steps eagerly (CPU tests of the padding and buckets)."""
         self.runner = runner
-        self.sizes = [s for s in GRAPH_BATCH_SIZES if s < max_batch] + [max_batch]
+        self.max_batch = max_batch
         self.capture = capture
         self.block_size = runner.cache.spec.block_size
         device = runner.device
         self.inputs = torch.zeros(3, max_batch, dtype=torch.long, device=device)  # token, position, table row
         self.block_tables = torch.zeros(max_batch, runner.tables.max_blocks, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, int], CapturedStep] = {}
         self.pool: tuple | None = None
 
     def accepts(self, chunks: list[SeqChunk]) -> bool:
-        return 0 < len(chunks) <= self.sizes[-1] and all(len(c.token_ids) == 1 == c.num_logits for c in chunks)
-
-    def bucket(self, max_context: int) -> int:
-        """The context width a step is captured for: index_topk while attention is dense, else a power of two."""
-        topk = self.runner.config.index_topk
-        if max_context <= topk:
-            return topk
-        return min(1 << (max_context - 1).bit_length(), self.runner.tables.max_blocks * self.block_size)
+        return 0 < len(chunks) <= self.max_batch and all(len(c.token_ids) == 1 == c.num_logits for c in chunks)
 
     def run(self, chunks: list[SeqChunk], keep_all_hidden: bool) -> StepOutput:
         n = len(chunks)
-        size = next(s for s in self.sizes if s >= n)
-        width = self.bucket(max(c.start_pos + 1 for c in chunks))
+        size = padded_batch_size(n, self.max_batch)
+        width = context_bucket(self.runner, max(c.start_pos + 1 for c in chunks))
         rows = self.runner.tables.rows_for([c.block_table for c in chunks])
         pad = size - n
         host = torch.tensor([
@@ -84,7 +89,7 @@ class DecodeGraphs:
         self.block_tables[:size, :blocks] = self.runner.tables.table[self.inputs[2, :size], :blocks]
         graph = self.graphs.get((size, width))
         if graph is None:
-            graph = self.graphs[(size, width)] = _Graph(self._step(size, width), self.capture, self.pool)
+            graph = self.graphs[(size, width)] = CapturedStep(self._step(size, width), self.capture, self.pool)
             if graph.graph is not None:
                 self.pool = graph.graph.pool()  # later graphs share the memory of earlier ones (replays never overlap)
         logits, hidden = graph.run()
@@ -97,12 +102,7 @@ class DecodeGraphs:
         ids, positions = self.inputs[0, :size], self.inputs[1, :size]
         block_tables = self.block_tables[:size, : -(-width // self.block_size)]
         query_start = list(range(size + 1))
-        ranges, first_tile, starts, ends = index_chunk_plan(query_start, width, runner.attention.tile_queries)
-        tiles = torch.tensor([starts, ends], dtype=torch.int32, device=device)
-        plan = [
-            IndexChunk(b, e, tiles[0, t0:t1], tiles[1, t0:t1])
-            for (b, e), t0, t1 in zip(ranges, first_tile, first_tile[1:] + [len(starts)], strict=True)
-        ]
+        plan = runner.index_plan(query_start, width)
         rows = torch.arange(size, device=device)
         rows32 = rows.int()
 

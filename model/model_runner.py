@@ -218,6 +218,18 @@ class ModelRunner:
             self.attention.stage = stage
 
     # ---- step inputs ----
+    def index_plan(self, query_start: list[int], max_context: int) -> list[IndexChunk]:
+        """The indexer launches of a step with this shape, built once (CUDA graphs); none for the torch backend."""
+        if not self.fused:
+            return []
+        ranges, first_tile, starts, ends = index_chunk_plan(query_start, max_context, self.attention.tile_queries)
+        tiles = torch.tensor([starts, ends], dtype=torch.int32, device=self.device)
+        bounds = first_tile + [len(starts)]
+        return [
+            IndexChunk(b, e, tiles[0, t0:t1], tiles[1, t0:t1])
+            for (b, e), t0, t1 in zip(ranges, bounds[:-1], bounds[1:], strict=True)
+        ]
+
     def prepare(self, chunks: list[SeqChunk]) -> StepInputs:
         bs = self.cache.spec.block_size
         lens = [len(c.token_ids) for c in chunks]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model_runner import ModelRunner, SeqChunk
+from .model_runner import ModelRunner, SeqChunk, StepInputs
 
 
 @dataclass
@@ -18,6 +18,7 @@ class MTPOutput:
     logits: torch.Tensor  # [rows with num_logits, vocab] fp32: next-next-token predictions
     hidden: torch.Tensor  # the layer's output at those rows (fed back in the next draft step)
     chosen: object  # the attention backend's top-k picks of this pass (IndexShare across draft steps)
+    step: StepInputs
 
 
 class MTPDrafter:
@@ -34,15 +35,21 @@ class MTPDrafter:
         """chunks: per sequence, the NEXT tokens (token j+1 for positions j = start_pos, ...) and its block table;
         hidden: the matching rows of h_j. `reuse`: top-k picks to reuse instead of running the MTP indexer."""
         step = self.runner.prepare(chunks)
+        return self.forward(step, step.ids, hidden, reuse)
+
+    def forward(self, step: StepInputs, next_ids: torch.Tensor, hidden: torch.Tensor, reuse: object = None):
+        """The layer on prepared step inputs whose rows carry `next_ids` (device ops only: CUDA graphs capture it)."""
         mtp = self.model.mtp
-        x = mtp.fuse(self.model.model.embed_tokens(step.ids), hidden.to(self.model.lm_head.weight.dtype))
+        x = mtp.fuse(self.model.model.embed_tokens(next_ids), hidden.to(self.model.lm_head.weight.dtype))
         x, chosen = self.runner.run_layer(self.layer, x, step, reuse, reuse_topk=reuse is not None)
         out = x[step.logits_at]
         logits = self.model.lm_head(mtp.shared_head.norm(out)).float()
-        return MTPOutput(logits, out, chosen)
+        return MTPOutput(logits, out, chosen, step)
 
-    def reusable(self, chosen: object) -> object:
-        """The picks of each sequence's last query, for the next draft step (index_share_for_mtp_iteration)."""
+    def reusable(self, out: MTPOutput, rows: torch.Tensor | None = None) -> object:
+        """The picks of query `rows[b]` of each sequence (default: its last), for the next draft step
+        (index_share_for_mtp_iteration); None when each draft step picks anew."""
         if not self.share_topk:
             return None
-        return self.runner.attention.last_query_picks(chosen)
+        batch = out.step.batch
+        return self.runner.attention.picks_at(out.chosen, batch, batch.last_query if rows is None else rows)

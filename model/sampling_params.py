@@ -65,3 +65,15 @@ class SamplingParams(BaseModel):
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    def argmax_only(self, num_output_tokens: int) -> bool:
+        """Whether the next token is the raw logits' argmax: greedy, no penalties, no logprobs, and min_tokens
+        reached (no stop token masked)."""
+        return (
+            self.is_greedy
+            and self.presence_penalty == 0
+            and self.frequency_penalty == 0
+            and self.repetition_penalty == 1
+            and self.logprobs is None
+            and num_output_tokens >= self.min_tokens
+        )

@@ -6,32 +6,21 @@ runner's logits and greedy tokens over mixed prefill/decode steps, padded decode
 agree on random paged batches in bf16.
 """
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
+from engine_fixtures import GreedyReference, make_engine_checkpoint, random_prompts
 
-if not torch.cuda.is_available():
-    # The interpreter is chosen when a kernel is decorated: re-import kernel modules loaded before this switch.
-    os.environ["TRITON_INTERPRET"] = "1"
-    for name in [m for m in sys.modules if m.startswith("glmserve.model.kernels.")]:
-        importlib.reload(sys.modules[name])
-
-from engine_fixtures import GreedyReference, make_engine_checkpoint, random_prompts  # noqa: E402
-
-from glmserve import LLM, SamplingParams  # noqa: E402
-from glmserve.model.attention_backend import (  # noqa: E402
+from glmserve import LLM, SamplingParams
+from glmserve.model.attention_backend import (
     TopkPicks,
     TorchAttention,
     TritonAttention,
     index_chunk_plan,
 )
-from glmserve.model.bench_model import Driver, random_model  # noqa: E402
-from glmserve.model.config import GlmConfig  # noqa: E402
-from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache  # noqa: E402
-from glmserve.model.model_runner import BlockTables, ModelRunner, SeqChunk  # noqa: E402
+from glmserve.model.bench_model import Driver, random_model
+from glmserve.model.config import GlmConfig
+from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache
+from glmserve.model.model_runner import BlockTables, ModelRunner, SeqChunk
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -95,11 +84,15 @@ def test_index_chunk_plan_tiles_stay_within_a_sequence_and_a_launch():
     assert covered == list(range(141))
 
 
-def test_triton_last_query_picks():
+def test_triton_picks_at():
     picks = TopkPicks(torch.arange(12, dtype=torch.int32).view(4, 3), torch.tensor([1, 3]))
-    last = TritonAttention.last_query_picks(picks)
+    last = TritonAttention.picks_at(picks, None, picks.last_query)
     assert [p.tolist() for p in last] == [[[3, 4, 5]], [[9, 10, 11]]]
-    assert TritonAttention.last_query_picks(None) is None
+    assert [p.tolist() for p in TritonAttention.picks_at(picks, None, torch.tensor([0, 2]))] == [
+        [[0, 1, 2]],
+        [[6, 7, 8]],
+    ]
+    assert TritonAttention.picks_at(None, None, picks.last_query) is None
 
 
 # ----------------------------------------------------------------------------------------------- fused runner
@@ -174,7 +167,7 @@ def test_fused_mtp_drafts_match_torch():
         sampled = target.logits.argmax(-1).tolist()
         catch_up = [SeqChunk(p[1:] + [s], 0, t) for p, s, t in zip(prompts, sampled, tables, strict=True)]
         out = drafter.run(catch_up, target.all_hidden)
-        picks = drafter.reusable(out.chosen)
+        picks = drafter.reusable(out)
         assert picks is not None and len(picks) == 2
         draft = int(out.logits[1].argmax())
         step = drafter.run([SeqChunk([draft], len(prompts[1]), tables[1])], out.hidden[[1]], [picks[1]])

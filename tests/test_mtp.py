@@ -8,6 +8,8 @@ from scripted_model import make_scripted_checkpoint
 
 from glmserve import LLM, SamplingParams
 from glmserve.decode.spec_decode import verify_drafts
+from glmserve.decode.spec_graphs import SpecDecodeGraphs
+from glmserve.model.cuda_graphs import DecodeGraphs
 from glmserve.model.sampler import draw
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -97,4 +99,26 @@ def test_drafting_beside_prefill_chunks_with_shared_topk():
     llm = LLM(num_speculative_tokens=4, adaptive_speculation=False, max_num_batched_tokens=160)
     assert llm.engine.drafter.share_topk
     assert _tokens(llm, prompts) == want
+    _no_leaks(llm)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_step_graphs_equal_plain_decoding(prompts, baseline, k):
+    """The whole-step path CUDA graphs capture (verify, accept, catch-up and drafts on the device), run eagerly on
+    its static inputs: the same tokens as plain decoding, with contexts crossing index_topk (dense then sparse
+    buckets) and a request with a penalty in the batch (which takes the eager path for its steps)."""
+    llm = LLM(num_speculative_tokens=k, adaptive_speculation=False, max_num_seqs=8)
+    engine = llm.engine
+    engine.runner.graphs = DecodeGraphs(engine.runner, 8, capture=False)
+    engine.spec_graphs = SpecDecodeGraphs(engine.runner, engine.drafter, 8, k, capture=False)
+    topk = engine.config.index_topk
+    assert _tokens(llm, prompts[:3], GREEDY) == baseline[:3]  # contexts <= index_topk: dense buckets
+    assert {key[3] for key in engine.spec_graphs.graphs} == {topk}
+    assert _tokens(llm, prompts) == baseline
+    assert max(key[3] for key in engine.spec_graphs.graphs) > topk, "no sparse bucket"
+    assert engine.policy.accepted[0] > 0
+    _no_leaks(llm)
+    penalized = GREEDY.model_copy(update={"repetition_penalty": 1.3})
+    want = _tokens(LLM(), prompts[:2], [GREEDY, penalized])
+    assert _tokens(llm, prompts[:2], [GREEDY, penalized]) == want
     _no_leaks(llm)
