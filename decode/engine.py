@@ -129,7 +129,9 @@ class LLMEngine:
             self.spec_graphs = SpecDecodeGraphs(
                 self.runner, self.drafter, graphs.max_batch, args.num_speculative_tokens, graphs.capture
             )
-        self.policy = SpeculationPolicy(args.num_speculative_tokens, seed=args.seed)
+        k = args.num_speculative_tokens
+        choices = (0, k) if self.spec_graphs is not None else None
+        self.policy = SpeculationPolicy(k, seed=args.seed, choices=choices)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device="cpu").manual_seed(args.seed)
         self._arrival = itertools.count()
@@ -256,8 +258,9 @@ class LLMEngine:
             return []
         t0 = time.perf_counter()
         num_drafts = self._spec_graph_drafts(plan.scheduled, ready, chunks, k)
+        captured = False
         if num_drafts is not None:
-            finishing = self._spec_graph_step(ready, chunks, k, num_drafts)
+            finishing, captured = self._spec_graph_step(ready, chunks, k, num_drafts)
         else:
             result = self.runner.forward(chunks, keep_all_hidden=self.drafter is not None)
             finishing = self._sample_or_verify(ready, result)
@@ -266,7 +269,8 @@ class LLMEngine:
         if self.drafter is not None:
             if num_drafts is None:
                 self._draft(plan.scheduled, chunks, result, finishing, k)
-            if len(ready) == len(plan.scheduled):  # a pure decode step times the verify + draft cost of k
+            # a pure decode step times the verify + draft cost of k (not a step that also captured its graph)
+            if len(ready) == len(plan.scheduled) and not captured:
                 self.policy.record_step(len(ready), k, time.perf_counter() - t0)
         for seq, reason in finishing.items():
             self.scheduler.finish(seq, reason)
@@ -315,13 +319,13 @@ class LLMEngine:
 
     def _spec_graph_drafts(self, scheduled, ready: list[Sequence], chunks: list[SeqChunk], k: int) -> int | None:
         """How many drafts to make if this step can run as one speculative-step graph (a pure decode step of
-        argmax-only requests verifying equally many drafts, with blocks for the next drafts), else None."""
+        argmax-only requests, with blocks for the next drafts), else None."""
         if self.spec_graphs is None or len(ready) != len(scheduled) or not self.spec_graphs.accepts(chunks):
             return None
         if not all(seq.params.argmax_only(len(seq.output_token_ids)) for seq in ready):
             return None
         num_drafts = max(self._k_for(seq, k) for seq in ready)
-        verified = len(chunks[0].token_ids)
+        verified = max(len(c.token_ids) for c in chunks)
         for seq, chunk in zip(ready, chunks, strict=True):
             if not self.scheduler.ensure_blocks(seq, chunk.start_pos + verified - 1 + num_drafts):
                 return None
@@ -329,8 +333,9 @@ class LLMEngine:
 
     def _spec_graph_step(
         self, ready: list[Sequence], chunks: list[SeqChunk], k: int, num_drafts: int
-    ) -> dict[Sequence, str]:
-        """Verify, catch up and draft in one replay; then the same bookkeeping as the eager path."""
+    ) -> tuple[dict[Sequence, str], bool]:
+        """Verify, catch up and draft in one replay; then the same bookkeeping as the eager path. Returns the
+        finished sequences and whether the graph was captured in this step."""
         out = self.spec_graphs.run(chunks, num_drafts)
         finishing: dict[Sequence, str] = {}
         for i, seq in enumerate(ready):
@@ -343,7 +348,7 @@ class LLMEngine:
                 seq.drafts = out.drafts[i][: self._k_for(seq, k)]
             else:
                 finishing[seq], seq.drafts = reason, []
-        return finishing
+        return finishing, out.captured
 
     def _commit(
         self, seq: Sequence, tokens: list[int], logits: torch.Tensor | None, hidden: torch.Tensor
@@ -428,9 +433,12 @@ class LLMEngine:
             valid = min(n, seq.num_computed_tokens - start)  # rejected drafts are not valid positions
             end = start + valid
             if valid > 0 and seq.num_tokens > end:  # the next token of the last valid position is known
+                # After a prompt, with step graphs, the first drafts come cheaper from the next (captured) step,
+                # padded beside sequences that have drafts, than from eager draft passes now.
+                prefilled = len(chunk.token_ids) > chunk.num_logits and self.spec_graphs is not None
                 want = (
                     0
-                    if seq in finishing or seq.num_computed_tokens < seq.num_tokens - 1
+                    if seq in finishing or seq.num_computed_tokens < seq.num_tokens - 1 or prefilled
                     else self._k_for(seq, k_policy)
                 )
                 ok = want > 0 and self.scheduler.ensure_blocks(seq, seq.num_tokens + want)

@@ -11,7 +11,8 @@ sequences all of it can stay on the device, so one replay replaces the lot:
   start + a + i: positions are device values, so nothing waits for the host.
 
 One graph per (padded batch size, K, D, context buckets of the verify and the draft passes); padding rows repeat
-the last real sequence, as in plain decode graphs.
+the last real sequence, as in plain decode graphs. A sequence with fewer drafts than K (just out of prefill, or
+capped by its request) is padded with draft -1: it verifies garbage there, which is never accepted.
 """
 
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class SpecStepResult:
     accepted: list[int]  # [n] drafts accepted
     drafts: list[list[int]]  # [n][D] the next drafts
     hidden: torch.Tensor  # [n, K+1, hidden] final-norm target hidden states (device)
+    captured: bool  # this call captured the graph (its time is not a replay's)
 
 
 class SpecDecodeGraphs:
@@ -50,33 +52,34 @@ class SpecDecodeGraphs:
         self.pool: tuple | None = None
 
     def accepts(self, chunks: list[SeqChunk]) -> bool:
-        """A pure decode step whose sequences each verify the same number of drafts."""
-        q = len(chunks[0].token_ids) if chunks else 0
+        """A pure decode step: each sequence's last token and at most K drafts, all with logits."""
         return (
             0 < len(chunks) <= self.max_batch
-            and q <= self.tokens.shape[1]
-            and all(len(c.token_ids) == q == c.num_logits for c in chunks)
+            and all(len(c.token_ids) == c.num_logits <= self.tokens.shape[1] for c in chunks)
             and self.runner.layer_hook is None
         )
 
+    @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], num_drafts: int) -> SpecStepResult:
         """Verify each chunk's drafts and draft `num_drafts` next ones. The caller has allocated blocks for
-        start_pos + K + num_drafts tokens of every sequence."""
-        n, q = len(chunks), len(chunks[0].token_ids)
+        start_pos + K + num_drafts tokens of every sequence, K the most drafts any chunk has."""
+        n, q = len(chunks), max(len(c.token_ids) for c in chunks)
         size = padded_batch_size(n, self.max_batch)
         max_start = max(c.start_pos for c in chunks)
         verify_width = context_bucket(self.runner, max_start + q)
         draft_width = context_bucket(self.runner, max_start + q - 1 + num_drafts)
         rows = self.runner.tables.rows_for([c.block_table for c in chunks])
         pad = size - n
-        self.tokens[:size, :q].copy_(torch.tensor([c.token_ids for c in chunks] + [chunks[-1].token_ids] * pad))
+        padded = [c.token_ids + [-1] * (q - len(c.token_ids)) for c in chunks]
+        self.tokens[:size, :q].copy_(torch.tensor(padded + padded[-1:] * pad))
         host = torch.tensor([[c.start_pos for c in chunks] + [chunks[-1].start_pos] * pad, rows + [rows[-1]] * pad])
         self.meta[:, :size].copy_(host)
         blocks = self._blocks(max(verify_width, draft_width))
         self.block_tables[:size, :blocks] = self.runner.tables.table[self.meta[1, :size], :blocks]
         key = (size, q, num_drafts, verify_width, draft_width)
         graph = self.graphs.get(key)
-        if graph is None:
+        captured = graph is None
+        if captured:
             graph = self.graphs[key] = CapturedStep(self._step(*key), self.capture, self.pool)
             if graph.graph is not None:
                 self.pool = graph.graph.pool()
@@ -87,6 +90,7 @@ class SpecDecodeGraphs:
             accepted=[r[q] for r in host_out],
             drafts=[r[q + 1 :] for r in host_out],
             hidden=hidden[: n * q].view(n, q, -1).clone(),
+            captured=captured,
         )
 
     def _blocks(self, width: int) -> int:
@@ -109,9 +113,9 @@ class SpecDecodeGraphs:
 
         def step() -> tuple[torch.Tensor, ...]:
             verify = runner.step_inputs(
-                [], tokens.flatten(), (start[:, None] + offsets).flatten(), seqs.repeat_interleave(q).int(),
-                verify_tables, verify_starts, [verify_width] * size, verify_width, all_rows, rows + q - 1,
-                verify_plan,
+                [], tokens.clamp(min=0).flatten(), (start[:, None] + offsets).flatten(),
+                seqs.repeat_interleave(q).int(), verify_tables, verify_starts, [verify_width] * size, verify_width,
+                all_rows, rows + q - 1, verify_plan,
             )  # fmt: skip
             out = runner.execute(verify)
             target = out.logits.argmax(-1).view(size, q)

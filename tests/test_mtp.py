@@ -106,7 +106,8 @@ def test_drafting_beside_prefill_chunks_with_shared_topk():
 def test_speculative_step_graphs_equal_plain_decoding(prompts, baseline, k):
     """The whole-step path CUDA graphs capture (verify, accept, catch-up and drafts on the device), run eagerly on
     its static inputs: the same tokens as plain decoding, with contexts crossing index_topk (dense then sparse
-    buckets) and a request with a penalty in the batch (which takes the eager path for its steps)."""
+    buckets), per-request draft caps (uneven draft counts in one step) and a request with a penalty in the batch
+    (which takes the eager path for its steps)."""
     llm = LLM(num_speculative_tokens=k, adaptive_speculation=False, max_num_seqs=8)
     engine = llm.engine
     engine.runner.graphs = DecodeGraphs(engine.runner, 8, capture=False)
@@ -117,6 +118,9 @@ def test_speculative_step_graphs_equal_plain_decoding(prompts, baseline, k):
     assert _tokens(llm, prompts) == baseline
     assert max(key[3] for key in engine.spec_graphs.graphs) > topk, "no sparse bucket"
     assert engine.policy.accepted[0] > 0
+    _no_leaks(llm)
+    capped = [GREEDY.model_copy(update={"num_speculative_tokens": c}) for c in (0, 1, None, 2, 0)]
+    assert _tokens(llm, prompts, capped) == baseline  # sequences with fewer drafts ride along padded
     _no_leaks(llm)
     penalized = GREEDY.model_copy(update={"repetition_penalty": 1.3})
     want = _tokens(LLM(), prompts[:2], [GREEDY, penalized])
