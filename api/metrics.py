@@ -1,13 +1,20 @@
 """Prometheus metrics, named as vLLM names them so dashboards carry over.
 
-Latencies are measured where users feel them, at the router. Engine-side gauges and counters (running, waiting,
-KV use, prefix cache, KV transfer) are reported by each worker replica and exported here with a `replica` label.
+Latencies are measured where users feel them, in the API layer of whichever replica served the request.
+Engine-side gauges and counters (running, waiting, KV use, prefix cache, KV transfer) are reported by each worker
+replica and exported with a `replica` label. Replicas also report their API series (`Metrics.samples`), so any one
+of them can answer /metrics with the totals over all.
 """
 
-from collections.abc import Mapping
+import json
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+Stats = Mapping[str, Mapping[str, float]]  # replica -> its latest stats
 
 PREFIX = "glmserve:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
@@ -29,11 +36,43 @@ WORKER_METRICS = {
 SPEC_PREFIXES = {"spec_decode_accepted_pos": "accepted", "spec_decode_drafted_pos": "drafted"}
 
 
+API_KEY_PREFIX = "api:"  # marks API series among a replica's stats
+
+
+def _api_key(family: str, sample_name: str, labels: Mapping[str, str]) -> str:
+    return API_KEY_PREFIX + json.dumps([family, sample_name, labels], sort_keys=True)
+
+
+class _ApiTotals:
+    """The API series summed over replicas (each replica's `Metrics.samples`); this process's alone without them."""
+
+    def __init__(self, own: CollectorRegistry, replicas: Stats | None):
+        self.own = own
+        self.replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        if self.replicas is None:
+            yield from self.own.collect()
+            return
+        totals: dict[str, dict[str, float]] = defaultdict(dict)  # family -> key -> value summed over replicas
+        for stats in self.replicas.values():
+            for key, value in stats.items():
+                if key.startswith(API_KEY_PREFIX):
+                    family = json.loads(key.removeprefix(API_KEY_PREFIX))[0]
+                    totals[family][key] = totals[family].get(key, 0.0) + value
+        for family in self.own.collect():
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            for key, value in totals[family.name].items():
+                _, sample_name, labels = json.loads(key.removeprefix(API_KEY_PREFIX))
+                merged.add_sample(sample_name, labels, value)
+            yield merged
+
+
 class _WorkerStats:
     """A collector exporting the latest stats each worker replica reported."""
 
-    def __init__(self) -> None:
-        self.latest: dict[str, Mapping[str, float]] = {}
+    def __init__(self, latest: Stats):
+        self.latest = latest
 
     def collect(self):
         for key, (name, kind, help_text) in WORKER_METRICS.items():
@@ -84,8 +123,19 @@ class Metrics:
         )
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens", registry=self.registry)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens", registry=self.registry)
-        self.workers = _WorkerStats()
-        self.registry.register(self.workers)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def samples(self) -> dict[str, float]:
+        """This process's API series, flat, for the stats board (`_created` timestamps do not add up: left out)."""
+        return {
+            _api_key(family.name, s.name, s.labels): s.value
+            for family in self.registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    def render(self, replicas: Stats | None = None) -> bytes:
+        """The exposition text: API series (totals over `replicas` when given) and every replica's worker stats."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_ApiTotals(self.registry, replicas))
+        registry.register(_WorkerStats(replicas or {}))
+        return generate_latest(registry)

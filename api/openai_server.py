@@ -47,7 +47,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default for /v1/completio
 
 
 class EngineClient(Protocol):
-    """Where requests go: a decode deployment handle, or an in-process engine."""
+    """Where requests go: the decode worker beside this API (`DecodeWorker`), or any in-process engine."""
 
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]: ...
 
@@ -282,8 +282,9 @@ class OpenAIServer:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         params = self._params(req, ids, COMPLETIONS_DEFAULT_MAX_TOKENS)
         request = EngineRequest(request_id=req.request_id or random_id("cmpl"), prompt_token_ids=ids, params=params)
-        echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
-        echo = echo if req.echo else ""
+        echo = ""
+        if req.echo:  # a token prompt is detokenized only when it is echoed
+            echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
         stream = await self._stream(request)
         if req.stream:
             return self._completion_stream(req, request, stream, echo)

@@ -1,5 +1,6 @@
-"""The Ray Serve application, built from one `ServingConfig`: an OpenAI-compatible `Ingress`, `DecodeServer`
-replicas that orchestrate and decode, and `PrefillServer` replicas for long prompts (zero of them = colocated).
+"""The Ray Serve application, built from one `ServingConfig`: `DecodeServer` replicas that serve the OpenAI API,
+orchestrate and decode (the app's HTTP ingress), and `PrefillServer` replicas for long prompts (zero of them =
+colocated).
 
 `serve run glmserve.cluster.app:build_app` and KubeRay's serveConfigV2 use `build_app` with the config's fields as
 args; `glmserve serve` calls it with a ServingConfig.
@@ -19,13 +20,12 @@ from glmserve.api.app import create_app
 from glmserve.api.openai_server import OpenAIServer
 from glmserve.decode.request import EngineRequest
 from glmserve.decode.server import DecodeWorker
-from glmserve.model.config import GlmConfig
 from glmserve.model.default_checkpoint import default_checkpoint
 from glmserve.model.tokenizer import Tokenizer
 from glmserve.prefill.request import PrefillRequest, PrefillResult
 from glmserve.prefill.worker import PrefillWorker
 
-from . import stats_board
+from . import serve_env, stats_board
 from .serving_config import RoleConfig, ServingConfig
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,12 @@ class PrefillServer:
 
 
 @serve.deployment(name="DecodeServer")
+@serve.ingress()
 class DecodeServer:
+    """A decode replica that is also the HTTP ingress: Serve's proxy sends each request straight to the replica
+    `LeastLoadedRouter` picks, and the OpenAI layer runs beside the engine, with no actor hop between them. A client
+    that disconnects cancels the request's task here, which aborts it in the engine and frees its blocks."""
+
     def __init__(self, config: ServingConfig, prefill: DeploymentHandle | None = None):
         _limit_threads(config.decode)
         self.worker = DecodeWorker(
@@ -79,10 +84,32 @@ class DecodeServer:
             on_failure=config.kv_transfer.on_failure,
             host=ray.util.get_node_ip_address() if config.host not in ("127.0.0.1", "localhost") else "127.0.0.1",
         )
-        replica = serve.get_replica_context().replica_id.unique_id
-        self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(replica, self.worker.stats))
+        model_config = self.worker.engine.config
+        self.config = config
+        self.server = OpenAIServer(
+            self.worker,
+            # its own tokenizer: the engine thread detokenizes with the engine's at the same time
+            Tokenizer.from_pretrained(config.engine.model or default_checkpoint()),
+            config.model_name,
+            max_model_len=config.engine.max_model_len or model_config.max_position_embeddings,
+            vocab_size=model_config.vocab_size,
+        )
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.board = stats_board.get_or_create()
+        self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(self.replica, self._stats))
+
+    def _stats(self) -> dict[str, float]:
+        return {**self.worker.stats(), **self.server.metrics.samples()}
+
+    async def _replica_stats(self) -> dict[str, dict[str, float]]:
+        # every replica's last post, and this one's as of now
+        return {**await self.board.snapshot.remote(), self.replica: self._stats()}
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.server, self.config.api_key, self._replica_stats)
 
     async def generate(self, request: EngineRequest):
+        """The engine without the API, for DeploymentHandle callers (`glmserve bench router`'s direct path)."""
         async for out in self.worker.generate(request):
             yield out
 
@@ -96,47 +123,13 @@ class DecodeServer:
         self.worker.shutdown()
 
 
-class _DecodeClient:
-    """The ingress's EngineClient: a streaming call to a decode replica, cancelled if the consumer leaves."""
-
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle.options(stream=True)
-
-    async def generate(self, request: EngineRequest):
-        response = self.handle.generate.remote(request)
-        try:
-            async for out in response:
-                yield out
-        finally:
-            response.cancel()  # no-op when finished; aborts the request (and frees its blocks) otherwise
-
-
-@serve.deployment(name="Ingress")
-@serve.ingress()
-class Ingress:
-    def __init__(self, config: ServingConfig, decode: DeploymentHandle):
-        path = config.engine.model or default_checkpoint()
-        model_config = GlmConfig.from_pretrained(path)
-        self.config = config
-        self.server = OpenAIServer(
-            _DecodeClient(decode),
-            Tokenizer.from_pretrained(path),
-            config.model_name,
-            max_model_len=config.engine.max_model_len or model_config.max_position_embeddings,
-            vocab_size=model_config.vocab_size,
-        )
-        self.board = stats_board.get_or_create()
-
-    async def _worker_stats(self):
-        return await self.board.snapshot.remote()
-
-    def __serve_build_asgi_app__(self):
-        return create_app(self.server, self.config.api_key, self._worker_stats)
-
-
 def _options(role: RoleConfig) -> dict:
     options: dict = {
-        "ray_actor_options": {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus},
+        "ray_actor_options": {
+            "num_cpus": role.num_cpus,
+            "num_gpus": role.num_gpus,
+            "runtime_env": {"env_vars": serve_env.replica_env()},
+        },
         "max_ongoing_requests": role.max_ongoing_requests,
     }
     if role.autoscaling is not None:
@@ -159,18 +152,18 @@ def build_app(config: ServingConfig) -> serve.Application:
             ),
             **_options(config.prefill),
         ).bind(config)
-    decode = DecodeServer.options(
+    return DecodeServer.options(
         request_router_config=RequestRouterConfig(
             request_router_class="glmserve.cluster.routers:LeastLoadedRouter",
             request_routing_stats_period_s=1,
         ),
         **_options(config.decode),
     ).bind(config, prefill)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024).bind(config, decode)
 
 
 def ray_init_kwargs() -> dict:
     """Local Ray without the dashboard (fast start, nothing listening beyond Serve), or RAY_ADDRESS's cluster."""
     if os.environ.get("RAY_ADDRESS"):
         return {"address": os.environ["RAY_ADDRESS"]}
+    serve_env.set_proxy_env()
     return {"include_dashboard": False, "log_to_driver": False}

@@ -26,7 +26,7 @@ MANIFESTS = sorted(K8S.glob("*.yaml"))
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 CORE_KINDS = {("v1", "PersistentVolumeClaim"), ("batch/v1", "Job")}
 BUILDER = "glmserve.cluster.app:build_app"
-APP_DEPLOYMENTS = {"Ingress", "PrefillServer", "DecodeServer"}
+APP_DEPLOYMENTS = {"PrefillServer", "DecodeServer"}
 ROLES = {"PrefillServer": "prefill", "DecodeServer": "decode"}
 SERVE_PORT = 8000  # KubeRay's <name>-serve-svc targets this port
 GPU = "nvidia.com/gpu"
@@ -116,7 +116,6 @@ def ray_node_resources(group: dict) -> tuple[float, float]:
 def replica_demands(config: ServingConfig, app: dict, at_max: bool) -> list[tuple[float, float]]:
     """(CPUs, GPUs) of every replica the app runs at its smallest or largest scale; overrides win, as in Ray Serve."""
     roles: dict[str, RoleConfig | None] = {
-        "Ingress": None,
         "PrefillServer": config.prefill,
         "DecodeServer": config.decode,
     }
