@@ -1,6 +1,8 @@
-"""A small Ray actor where worker replicas post their latest stats; the router's /metrics reads them all.
+"""A small Ray actor where worker replicas post their latest stats; /metrics on any decode replica reads them all.
 
-Ray Serve has no way to ask every replica of a deployment, so replicas push (about once a second) instead.
+Ray Serve has no way to ask every replica of a deployment, so replicas push (about once a second) instead. The board
+is detached: it must not die with the replica that happened to create it (a killed prefill replica took every
+replica's /metrics down with it).
 """
 
 import time
@@ -26,4 +28,4 @@ class StatsBoard:
 
 
 def get_or_create() -> "ray.actor.ActorHandle":
-    return StatsBoard.options(name=NAME, get_if_exists=True, namespace="glmserve").remote()
+    return StatsBoard.options(name=NAME, get_if_exists=True, namespace="glmserve", lifetime="detached").remote()
