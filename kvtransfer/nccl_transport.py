@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .frames import FrameHeader
 from .layout import KVLayout
-from .transport import Chunk, Land, ReceiveChannel, SendChannel
+from .transport import Chunk, Landing, ReceiveChannel, SendChannel
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,10 @@ class NcclSendChannel(SendChannel):
         self.group = group
         self.device = device
         self.backend = backend_for(device)
-        self.max_chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_bytes
+
+    def max_chunk_bytes(self, from_pool: bool) -> int:
+        return self.chunk_bytes
 
     def send(self, chunk: Chunk) -> int:
         rows = chunk.materialize().to(self.device).contiguous()
@@ -80,6 +83,12 @@ class NcclSendChannel(SendChannel):
         if rows.is_cuda:  # the rows may be the caller's tensor: make sure NCCL is done reading it
             torch.cuda.current_stream(rows.device).synchronize()
         return rows.numel() * rows.element_size()
+
+    def open(self, key: int, block_ids: torch.Tensor) -> None:
+        """Rows travel point-to-point: the receiver needs no block table."""
+
+    def settle(self, key: int) -> None:
+        """`send` returns after the point-to-point send finished."""
 
     def close(self) -> None:
         self.group.abort()
@@ -96,24 +105,24 @@ class NcclReceiveChannel(ReceiveChannel):
         self.device = device
         self.backend = backend_for(device)
         self.stopped = threading.Event()
-        self.pending: queue.Queue[tuple[FrameHeader, Land] | None] = queue.Queue()
+        self.pending: queue.Queue[tuple[FrameHeader, Landing] | None] = queue.Queue()
         self.worker = threading.Thread(target=self._receive_loop, name="kvtransfer-nccl-recv", daemon=True)
         self.worker.start()
 
-    def receive(self, header: FrameHeader, land: Land) -> None:
+    def receive(self, header: FrameHeader, landing: Landing) -> None:
         if header.extra:
             raise ConnectionError(f"nccl frames carry no inline bytes, got {header.extra}")
-        self.pending.put((header, land))
+        self.pending.put((header, landing))
 
     def _receive_loop(self) -> None:
         while (item := self.pending.get()) is not None:
-            header, land = item
+            header, landing = item
             rows = torch.empty(
                 header.count, self.layout.row_dim(header.kind), dtype=self.layout.dtype, device=self.device
             )
             try:
                 wait_work(self.group.recv([rows], SENDER_RANK, 0), self.backend, self.stopped.is_set)
-                land(header, rows)
+                landing.land(header, rows)
             except Exception as e:  # the peer died or the session closed: end the session, its transfers fail
                 if not self.stopped.is_set():
                     log.warning("point-to-point receive failed, closing the session: %s", e)

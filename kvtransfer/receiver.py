@@ -6,6 +6,7 @@ resolves with the `Completion` once every layer landed, or fails with `TransferF
 sender or receiver shutdown. After a failure the transfer is forgotten: rows that still arrive for it are dropped.
 
 Threads: gRPC workers (control plane), one accept loop, one thread per sender session (data plane), one lease reaper.
+The receiver is its channels' `Landing`. On a GPU, cuda_ipc copies run on the receiver's own copy stream.
 From asyncio: `await asyncio.wrap_future(receiver.register(...))`.
 """
 
@@ -17,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -82,6 +83,8 @@ class KVReceiver:
         self.index_keys = index_keys
         self.device = latent[0].device
         self.num_blocks = latent[0].shape[0]
+        # cuda_ipc copies pool to pool here, off the decode worker's stream, as the sender's frames arrive
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.transports = tuple(transports)
         self.rendezvous_timeout_s = rendezvous_timeout_s
         self.stats = ReceiverStats()
@@ -152,6 +155,7 @@ class KVReceiver:
                 start_token,
                 num_tokens,
                 lease_s,
+                self._copy_stream,
             )
             self._transfers[transfer_id] = transfer
             self._by_key[transfer.key] = transfer
@@ -210,6 +214,8 @@ class KVReceiver:
             self._forget(transfer)
             self.stats.transfers_completed += 1
             self.stats.transfer_seconds += time.monotonic() - transfer.registered_at
+            if transfer.num_tokens:
+                self.stats.data_seconds += transfer.rows_landed_at - transfer.first_rows_at
         log.debug("KV transfer %s complete", transfer.transfer_id)
         transfer.future.set_result(transfer.completion)
 
@@ -241,12 +247,37 @@ class KVReceiver:
 
     # -- data plane -----------------------------------------------------------------------------------------------
 
-    def _land(self, header: FrameHeader, rows: torch.Tensor) -> None:
-        """Called by the channels for every chunk, in order per session."""
+    # `Landing`, for the channels: called in frame order per session
+
+    def land(self, header: FrameHeader, rows: torch.Tensor) -> None:
+        self._deliver(header, rows.numel() * rows.element_size(), lambda t: t.write(header, rows))
+
+    def copy_from(self, header: FrameHeader, src_pool: torch.Tensor) -> None:
+        nbytes = header.count * src_pool.shape[2] * src_pool.element_size()
+        self._deliver(header, nbytes, lambda t: t.copy_from(header, src_pool))
+
+    def set_source(self, key: int, block_ids: torch.Tensor, block_size: int) -> None:
+        transfer = self._live(key)
+        if transfer is not None:
+            try:
+                transfer.set_source(block_ids, block_size)
+            except TransferFailed as e:
+                self._fail(transfer, e)
+
+    def settle(self, key: int) -> None:
+        transfer = self._live(key)
+        if transfer is not None:  # one that is gone waited for its copies when it went
+            transfer.settle()
+
+    def _live(self, key: int) -> IncomingTransfer | None:
         with self._lock:
-            transfer = self._by_key.get(header.key)
+            return self._by_key.get(key)
+
+    def _deliver(self, header: FrameHeader, nbytes: int, write: Callable[[IncomingTransfer], bool | None]) -> None:
+        """Write one chunk into its transfer (`write` returns what `IncomingTransfer.write` does) and account it."""
+        transfer = self._live(header.key)
         try:
-            landed = None if transfer is None else transfer.write(header, rows)
+            landed = None if transfer is None else write(transfer)
         except TransferFailed as e:
             self._fail(transfer, e)
             return
@@ -254,7 +285,7 @@ class KVReceiver:
             if landed is None:
                 self.stats.chunks_dropped += 1
             else:
-                self.stats.bytes_received += rows.numel() * rows.element_size()
+                self.stats.bytes_received += nbytes
         if landed is None:
             log.debug("dropped a chunk for a transfer that is gone (key %d, layer %d)", header.key, header.layer)
         elif landed:
@@ -288,7 +319,7 @@ class KVReceiver:
             conn.settimeout(None)
             log.info("KV sender %s attached (session %s, %s)", peer, session.session_id, session.transport)
             while True:
-                channel.receive(read_header(conn), self._land)
+                channel.receive(read_header(conn), self)
         except ConnectionClosed:
             pass
         except Exception as e:
@@ -306,7 +337,7 @@ class KVReceiver:
         if session.transport == "tcp":
             return TcpReceiveChannel(conn, self.layout)
         if session.transport == "cuda_ipc":
-            return CudaIpcReceiveChannel(conn, self.layout, session.peer, self.device)
+            return CudaIpcReceiveChannel(conn, self.layout, session.peer, self.device, self._copy_stream)
         backend = backend_for(self.device)
         group = create_group(self._store, session.session_id, RECEIVER_RANK, backend, self.rendezvous_timeout_s)
         return NcclReceiveChannel(conn, self.layout, group, self.device)

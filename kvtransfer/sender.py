@@ -6,9 +6,13 @@
     transfer.complete(first_token, logprob, top_logprobs, hidden).result()   # or: await asyncio.wrap_future(...)
 
 `send_layer` only queues: one worker thread per sender moves chunks in order, so a layer's tensors (or the source
-blocks) must stay unchanged until `complete()`'s future resolves. A background thread renews the leases of transfers
-that make progress (send_layer, keepalive, chunks going out) and learns when the receiver gave one up; a transfer idle
-for a whole lease is no longer renewed, so a hung prefill loses its lease even though its process is alive.
+blocks) must stay unchanged until `complete()`'s future resolves (or the transfer failed). With cuda_ipc and pools
+the receiver reads the source blocks in place, after the layer went out; the settle round trip before completion
+is what makes the resolved future mean it is done (contract in `cuda_ipc_transport`).
+
+A background thread renews the leases of transfers that make progress (send_layer, keepalive, chunks going out) and
+learns when the receiver gave one up; a transfer idle for a whole lease is no longer renewed, so a hung prefill loses
+its lease even though its process is alive.
 `connect` and `open_transfer` block on one RPC each; call them through `asyncio.to_thread` from async code.
 """
 
@@ -55,6 +59,11 @@ class _LayerJob:
     sources: dict[RowKind, torch.Tensor | None]  # None: read from the sender's pools
     device: torch.device | None  # the GPU the rows come from, if any
     ready: torch.cuda.Event | None  # recorded on the caller's stream after it produced the rows
+
+
+@dataclass
+class _OpenJob:
+    transfer: "OutgoingTransfer"
 
 
 @dataclass
@@ -278,11 +287,15 @@ class KVSender:
             reason = f"src_block_ids has {src_block_ids.numel()} blocks, tokens up to {end} need {needed}"
             self._rpc_abort(transfer_id, reason)
             raise ValueError(reason)
+        if src_block_ids is not None:
+            src_block_ids = src_block_ids[:needed]  # entries past the tokens may be padding
         transfer = OutgoingTransfer(self, transfer_id, reply, src_block_ids)
         with self._lock:
             self._transfers[transfer_id] = transfer
             self.stats.transfers_opened += 1
         self._renew_wakeup.set()
+        if src_block_ids is not None:  # the channel may announce the table now, long before the first layer
+            self._submit(_OpenJob(transfer))
         return transfer
 
     def close(self) -> None:
@@ -319,7 +332,9 @@ class KVSender:
                 transfer._raise_if_failed()
                 if self._broken is not None:
                     raise self._broken
-                if isinstance(job, _LayerJob):
+                if isinstance(job, _OpenJob):
+                    self._data.open(transfer.key, transfer.src_block_ids)
+                elif isinstance(job, _LayerJob):
                     self._send_layer(job)
                 else:
                     self._complete(job)
@@ -350,7 +365,9 @@ class KVSender:
             if rows is None:
                 latent, index_keys = self.pools
                 pool = latent[job.layer] if kind == RowKind.LATENT else index_keys[job.layer]
-            chunk_tokens = max(1, self._data.max_chunk_bytes // (layout.row_dim(kind) * layout.dtype.itemsize))
+            max_bytes = self._data.max_chunk_bytes(from_pool=pool is not None)
+            row_bytes = layout.row_dim(kind) * layout.dtype.itemsize
+            chunk_tokens = max(1, transfer.num_tokens if max_bytes is None else max_bytes // row_bytes)
             for offset in range(0, transfer.num_tokens, chunk_tokens):
                 transfer._raise_if_failed()  # an abort or a lost lease stops a layer midway
                 count = min(chunk_tokens, transfer.num_tokens - offset)
@@ -369,6 +386,7 @@ class KVSender:
 
     def _complete(self, job: _CompleteJob) -> None:
         transfer = job.transfer
+        self._data.settle(transfer.key)  # the receiver is done reading: the completion may overtake no chunk
         status = self._stub.Complete(job.completion.to_proto(transfer.transfer_id), timeout=self._rpc_timeout_s)
         raise_for_status(status)
         with self._lock:

@@ -12,6 +12,7 @@ class ReceiverStats:
     failures_by_kind: Counter = field(default_factory=Counter)  # FailureKind.value -> count
     bytes_received: int = 0  # rows landed in the pools
     transfer_seconds: float = 0.0  # registration to completion, summed over completed transfers
+    data_seconds: float = 0.0  # first chunk arrived to every row in the pools, summed over completed transfers
     chunks_dropped: int = 0  # arrived for a transfer that had failed or was unknown: never written
 
 

@@ -7,7 +7,7 @@ import torch
 
 from .frames import FrameHeader, recv_into_exact
 from .layout import KVLayout
-from .transport import Chunk, Land, ReceiveChannel, SendChannel
+from .transport import Chunk, Landing, ReceiveChannel, SendChannel
 
 CHUNK_BYTES = 8 << 20  # big enough to amortize the header and the per-chunk index ops, small enough to pipeline
 
@@ -19,8 +19,11 @@ def expected_bytes(layout: KVLayout, header: FrameHeader) -> int:
 class TcpSendChannel(SendChannel):
     def __init__(self, sock: socket.socket, chunk_bytes: int = CHUNK_BYTES):
         self.sock = sock
-        self.max_chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_bytes
         self.buffer = torch.empty(0, dtype=torch.uint8)  # CPU pools gather into it: no fresh pages per chunk
+
+    def max_chunk_bytes(self, from_pool: bool) -> int:
+        return self.chunk_bytes
 
     def send(self, chunk: Chunk) -> int:
         if chunk.pool is not None and not chunk.pool.is_cuda:
@@ -37,6 +40,12 @@ class TcpSendChannel(SendChannel):
         self.sock.sendall(payload)
         return payload.nbytes
 
+    def open(self, key: int, block_ids: torch.Tensor) -> None:
+        """Rows travel inline: the receiver needs no block table."""
+
+    def settle(self, key: int) -> None:
+        """Rows are copied into the socket by the time `send` returns."""
+
     def close(self) -> None:
         """Nothing beyond the socket."""
 
@@ -47,7 +56,7 @@ class TcpReceiveChannel(ReceiveChannel):
         self.layout = layout
         self.buffer = torch.empty(0, dtype=torch.uint8)  # reused across chunks; rows are copied out before the next
 
-    def receive(self, header: FrameHeader, land: Land) -> None:
+    def receive(self, header: FrameHeader, landing: Landing) -> None:
         nbytes = expected_bytes(self.layout, header)
         if header.extra != nbytes:
             raise ConnectionError(f"frame carries {header.extra} bytes, {header.count} rows need {nbytes}")
@@ -55,7 +64,7 @@ class TcpReceiveChannel(ReceiveChannel):
             self.buffer = torch.empty(nbytes, dtype=torch.uint8)
         payload = self.buffer[:nbytes]
         recv_into_exact(self.sock, memoryview(payload.numpy()))
-        land(header, payload.view(self.layout.dtype).view(header.count, -1))
+        landing.land(header, payload.view(self.layout.dtype).view(header.count, -1))
 
     def close(self) -> None:
         """Every chunk was landed as it arrived; nothing else is held."""

@@ -1,15 +1,15 @@
-"""The two halves every data-plane transport implements, and the chunk of rows they move.
+"""The two halves every data-plane transport implements, the chunk of rows they move, and the receiver's side.
 
 A sender splits each layer into chunks and hands them, in order, to its `SendChannel`. The receiver reads each
 chunk's header from the session socket and asks its `ReceiveChannel` for the rows, which it then lands in its pools
-(or drops, when the transfer is gone). Transports: `tcp` (rows inline on the socket), `nccl` (rows point-to-point
-through torch.distributed, gloo on CPU), `cuda_ipc` (the receiver reads the sender's GPU memory).
+through `Landing` (or drops, when the transfer is gone). Transports: `tcp` (rows inline on the socket), `nccl` (rows
+point-to-point through torch.distributed, gloo on CPU), `cuda_ipc` (the receiver reads the sender's GPU memory).
 """
 
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -18,7 +18,21 @@ from .paged_rows import read_rows
 
 TRANSPORTS = ("tcp", "nccl", "cuda_ipc")
 
-Land = Callable[[FrameHeader, torch.Tensor], None]
+
+class Landing(Protocol):
+    """What the receiver offers its channels. It decides, under each transfer's lock, whether rows may still land."""
+
+    def land(self, header: FrameHeader, rows: torch.Tensor) -> None:
+        """Write the chunk's rows into the pools (done when it returns)."""
+
+    def set_source(self, key: int, block_ids: torch.Tensor, block_size: int) -> None:
+        """The sender's block table of a transfer (CPU int64), for `copy_from` (cuda_ipc)."""
+
+    def copy_from(self, header: FrameHeader, src_pool: torch.Tensor) -> None:
+        """Enqueue the copy of the chunk's tokens from the sender's mapped pool into ours, pool to pool (cuda_ipc)."""
+
+    def settle(self, key: int) -> None:
+        """Return once every copy enqueued for the transfer has finished (cuda_ipc)."""
 
 
 @dataclass
@@ -39,11 +53,22 @@ class Chunk:
 
 
 class SendChannel(ABC):
-    max_chunk_bytes: int
+    @abstractmethod
+    def max_chunk_bytes(self, from_pool: bool) -> int | None:
+        """The largest chunk this channel moves at once (None: any size, a whole layer is one chunk)."""
+
+    @abstractmethod
+    def open(self, key: int, block_ids: torch.Tensor) -> None:
+        """A transfer reads from the pools through this block table (on any device), covering its tokens."""
 
     @abstractmethod
     def send(self, chunk: Chunk) -> int:
-        """Move one chunk; returns payload bytes. When it returns, the chunk's source memory may be reused."""
+        """Move one chunk; returns payload bytes. When it returns, the chunk's rows tensor may be reused; pool
+        blocks only after `settle`."""
+
+    @abstractmethod
+    def settle(self, key: int) -> None:
+        """Return once the receiver is done reading the transfer's chunks sent so far."""
 
     @abstractmethod
     def close(self) -> None:
@@ -55,9 +80,9 @@ class ReceiveChannel(ABC):
         self.sock = sock
 
     @abstractmethod
-    def receive(self, header: FrameHeader, land: Land) -> None:
-        """Fetch the rows the header announces and call `land(header, rows)` once, possibly from another thread,
-        in header order. Must consume the frame even when the transfer is gone, to stay in step with the sender."""
+    def receive(self, header: FrameHeader, landing: Landing) -> None:
+        """Fetch the rows the header announces and hand them to `landing` once, possibly from another thread, in
+        header order. Must consume the frame even when the transfer is gone, to stay in step with the sender."""
 
     @abstractmethod
     def close(self) -> None:

@@ -1,16 +1,18 @@
 """KV transfer with the sender in another process: nccl over gloo, a stalled sender, a killed sender, the benchmark,
-and (GPU) cuda_ipc. The receiver runs in the test process; the sender's rows come from a seed both sides know."""
+and (GPU) nccl between two GPUs (cuda_ipc: test_kvtransfer_cuda_ipc). The receiver runs in the test process; the
+sender's rows come from a seed both sides know."""
 
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from glmserve.kvtransfer import KVLayout, KVReceiver, KVSender, LeaseExpired, PeerLost, TransferFailed
-from glmserve.kvtransfer.bench import bench_cuda_ipc, bench_tcp
+from glmserve.kvtransfer.bench import bench_tcp
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,12 +55,19 @@ def sender_main(address: str, transport: str, device: str, plan: str, connected,
 
 
 class SenderProcess:
-    def __init__(self, address: str, transport: str = "tcp", device: str = "cpu", plan: str = "all"):
+    def __init__(
+        self,
+        address: str,
+        transport: str = "tcp",
+        device: str = "cpu",
+        plan: str = "all",
+        target: Callable = sender_main,  # called as sender_main is
+    ):
         ctx = mp.get_context("spawn")
         # resume is a queue: setting an Event waits for its waiters to wake, and a stopped one never does
         self.connected, self.resume, self.halfway, self.results = ctx.Event(), ctx.Queue(), ctx.Event(), ctx.Queue()
         args = (address, transport, device, plan, self.connected, self.resume, self.halfway, self.results)
-        self.proc = ctx.Process(target=sender_main, args=args, daemon=True)
+        self.proc = ctx.Process(target=target, args=args, daemon=True)
         self.proc.start()
         assert self.connected.wait(WAIT_S)  # start-up is slow and varies: leases start after it
 
@@ -179,20 +188,6 @@ def test_bench_tcp_moves_bytes_exactly():
 
 
 @pytest.mark.gpu
-def test_cuda_ipc_transfer_is_bit_exact():
-    with make_receiver("cuda_ipc", device="cuda") as receiver:
-        sender = SenderProcess(receiver.address, "cuda_ipc", device="cuda:0")
-        try:
-            future = receiver.register("req", DST, NUM_TOKENS, start_token=START, lease_s=WAIT_S)
-            sender.go()
-            future.result(WAIT_S)
-            assert sender.result() == "completed"
-        finally:
-            sender.stop()
-        assert_landed_exactly(receiver)
-
-
-@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL cannot pair two ranks on one GPU")
 def test_nccl_transfer_between_two_gpus_is_bit_exact():
     with make_receiver("nccl", device="cuda:0") as receiver:
@@ -205,10 +200,3 @@ def test_nccl_transfer_between_two_gpus_is_bit_exact():
         finally:
             sender.stop()
         assert_landed_exactly(receiver)
-
-
-@pytest.mark.gpu
-def test_bench_cuda_ipc_reports_transfer_and_copy_ceiling():
-    result = bench_cuda_ipc(64 << 20)
-    assert result["exact"]
-    assert 0 < result["gb_s"] and 0 < result["copy_ceiling_gb_s"]
