@@ -9,22 +9,30 @@ length would be a family of graphs of its own to capture.
 """
 
 import random
-from collections import defaultdict
+import statistics
+from collections import defaultdict, deque
 
 
 class SpeculationPolicy:
-    EMA = 0.1
+    EMA = 0.1  # acceptance rates
+    WINDOW = 16  # recent step times kept per (batch bucket, K): their median is the estimate
     EXPLORE = 0.05
 
     def __init__(self, max_k: int, seed: int = 0, choices: tuple[int, ...] | None = None):
         self.max_k = max_k
         self.choices = list(choices if choices is not None else range(max_k + 1))
         self.accept = [0.7] * max_k  # prior until measured
-        self.step_time: dict[tuple[int, int], float] = {}
+        # A median, not a running mean: one slow step (a page fault, a collection) must not lock a K out, since a K
+        # that looks slow is rarely tried again.
+        self.samples: dict[tuple[int, int], deque[float]] = defaultdict(lambda: deque(maxlen=self.WINDOW))
         self.drafted = [0] * max_k
         self.accepted = [0] * max_k
         self.rng = random.Random(seed)
-        self.counts: dict[tuple[int, int], int] = defaultdict(int)
+
+    @property
+    def step_time(self) -> dict[tuple[int, int], float]:
+        """Estimated seconds per step by (batch bucket, K)."""
+        return {key: statistics.median(times) for key, times in self.samples.items()}
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -41,19 +49,16 @@ class SpeculationPolicy:
         if self.max_k == 0:
             return 0
         b = self.bucket(batch_size)
-        unmeasured = [k for k in self.choices if (b, k) not in self.step_time]
+        unmeasured = [k for k in self.choices if (b, k) not in self.samples]
         if unmeasured and (self.rng.random() < 0.5 or len(unmeasured) == len(self.choices)):
             return self.rng.choice(unmeasured)
         if self.rng.random() < self.EXPLORE:
             return self.rng.choice(self.choices)
-        measured = [k for k in self.choices if (b, k) in self.step_time]
-        return max(measured, key=lambda k: self.expected_tokens(k) / self.step_time[(b, k)])
+        times = {k: statistics.median(self.samples[(b, k)]) for k in self.choices if (b, k) in self.samples}
+        return max(times, key=lambda k: self.expected_tokens(k) / times[k])
 
     def record_step(self, batch_size: int, k: int, seconds: float) -> None:
-        key = (self.bucket(batch_size), k)
-        old = self.step_time.get(key)
-        self.step_time[key] = seconds if old is None else (1 - self.EMA) * old + self.EMA * seconds
-        self.counts[key] += 1
+        self.samples[(self.bucket(batch_size), k)].append(seconds)
 
     def record_verification(self, num_drafts: int, num_accepted: int) -> None:
         for i in range(num_drafts):
