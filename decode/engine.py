@@ -269,8 +269,10 @@ class LLMEngine:
         if self.drafter is not None:
             if num_drafts is None:
                 self._draft(plan.scheduled, chunks, result, finishing, k)
-            # a pure decode step times the verify + draft cost of k (not a step that also captured its graph)
-            if len(ready) == len(plan.scheduled) and not captured:
+            # a pure decode step times the verify + draft cost of k (not one that captured its graph, nor one that
+            # ended prompts: every sequence is then ready too, but the step was a prefill)
+            decoding = all(c.num_logits == len(c.token_ids) for c in chunks)
+            if decoding and not captured:
                 self.policy.record_step(len(ready), k, time.perf_counter() - t0)
         for seq, reason in finishing.items():
             self.scheduler.finish(seq, reason)

@@ -126,3 +126,13 @@ def test_speculative_step_graphs_equal_plain_decoding(prompts, baseline, k):
     want = _tokens(LLM(), prompts[:2], [GREEDY, penalized])
     assert _tokens(llm, prompts[:2], [GREEDY, penalized]) == want
     _no_leaks(llm)
+
+
+def test_policy_times_decode_steps_only(prompts):
+    """A step that ends every prompt has every sequence ready, as a decode step does, but its time is a prefill's:
+    it must not be taken for the cost of speculating."""
+    llm = LLM(num_speculative_tokens=3)
+    _tokens(llm, prompts, GREEDY.model_copy(update={"max_tokens": 1}))
+    assert not llm.engine.policy.samples
+    _tokens(llm, prompts[:2], GREEDY)
+    assert llm.engine.policy.samples
