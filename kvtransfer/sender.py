@@ -74,19 +74,36 @@ class _CompleteJob:
 
 
 class OutgoingTransfer:
-    def __init__(self, sender: "KVSender", transfer_id: str, reply: pb.OpenTransferReply, src_block_ids):
+    def __init__(self, sender: "KVSender", transfer_id: str, reply: pb.OpenTransferReply):
         self.sender = sender
         self.transfer_id = transfer_id
         self.key = reply.key
         self.num_tokens = reply.num_tokens
         self.start_token = reply.start_token  # rows sent are tokens [start_token, start_token + num_tokens)
         self.lease_s = reply.lease_seconds
-        self.src_block_ids = src_block_ids
+        self.src_block_ids: torch.Tensor | None = None  # set by read_from_pools
         self.last_renewed = self.last_active = time.monotonic()
         self.renew_at = self.last_renewed + self.lease_s / 3
         self.failure: TransferFailed | None = None
         self.completing = False
         self.done = False
+
+    def read_from_pools(self, block_ids: Sequence[int] | torch.Tensor) -> None:
+        """Send layers straight from the sender's pools: `block_ids` is this sender's block table of the sequence
+        (token t in block block_ids[t // block_size]). The blocks must stay the sequence's until the transfer has
+        completed or failed: the rows are read from them while later layers compute."""
+        sender = self.sender
+        if sender.pools is None:
+            raise ValueError("reading from pools needs the sender to be connected with pools")
+        if self.src_block_ids is not None:
+            raise RuntimeError("the transfer already reads from pools")
+        ids = torch.as_tensor(block_ids, dtype=torch.int64, device=sender.pools[0][0].device)
+        end = self.start_token + self.num_tokens
+        needed = -(-end // sender.layout.block_size)
+        if ids.numel() < needed:
+            raise ValueError(f"src_block_ids has {ids.numel()} blocks, tokens up to {end} need {needed}")
+        self.src_block_ids = ids[:needed]  # entries past the tokens may be padding
+        sender._submit(_OpenJob(self))  # the channel may announce the table now, before the first layer
 
     def send_layer(
         self, layer: int, latent_rows: torch.Tensor | None = None, index_rows: torch.Tensor | None = None
@@ -273,29 +290,23 @@ class KVSender:
         (token t in block src_block_ids[t // block_size]), to send layers straight from the pools."""
         if self._broken is not None:
             raise self._broken
-        if src_block_ids is not None:
-            if self.pools is None:
-                raise ValueError("src_block_ids needs the sender to be connected with pools")
-            src_block_ids = torch.as_tensor(src_block_ids, dtype=torch.int64, device=self.pools[0][0].device)
+        if src_block_ids is not None and self.pools is None:
+            raise ValueError("src_block_ids needs the sender to be connected with pools")
         reply = self._stub.OpenTransfer(
             pb.OpenTransferRequest(session_id=self.session_id, transfer_id=transfer_id), timeout=self._rpc_timeout_s
         )
         raise_for_status(reply.status)
-        end = reply.start_token + reply.num_tokens
-        needed = -(-end // self.layout.block_size)
-        if src_block_ids is not None and src_block_ids.numel() < needed:
-            reason = f"src_block_ids has {src_block_ids.numel()} blocks, tokens up to {end} need {needed}"
-            self._rpc_abort(transfer_id, reason)
-            raise ValueError(reason)
-        if src_block_ids is not None:
-            src_block_ids = src_block_ids[:needed]  # entries past the tokens may be padding
-        transfer = OutgoingTransfer(self, transfer_id, reply, src_block_ids)
+        transfer = OutgoingTransfer(self, transfer_id, reply)
         with self._lock:
             self._transfers[transfer_id] = transfer
             self.stats.transfers_opened += 1
         self._renew_wakeup.set()
-        if src_block_ids is not None:  # the channel may announce the table now, long before the first layer
-            self._submit(_OpenJob(transfer))
+        if src_block_ids is not None:
+            try:
+                transfer.read_from_pools(src_block_ids)
+            except ValueError as e:
+                transfer.abort(str(e))
+                raise
         return transfer
 
     def close(self) -> None:

@@ -2,6 +2,10 @@
 layer to the decode worker's blocks as soon as the prompt's last chunk has written it (later layers still
 computing), and hands over the first sampled token and the last hidden state.
 
+Layers are sent straight from the engine's pools (no copy here; `cuda_ipc` lets the decode side read them in
+place), so the sequence's blocks are held past the end of its one-token generation, until the transfer has
+completed or failed.
+
 Plain Python: `cluster/app.py` wraps it as the Ray Serve `PrefillServer` deployment.
 """
 
@@ -19,7 +23,6 @@ from glmserve.decode.engine import LLMEngine
 from glmserve.decode.engine_args import EngineArgs
 from glmserve.kvtransfer.errors import TransferFailed
 from glmserve.kvtransfer.layout import KVLayout
-from glmserve.kvtransfer.paged_rows import read_rows
 from glmserve.kvtransfer.sender import KVSender, OutgoingTransfer
 from glmserve.model.model_runner import StepInputs
 
@@ -51,6 +54,7 @@ class _Outgoing:
     transfer: OutgoingTransfer
     prompt_len: int
     hidden: torch.Tensor | None = None
+    held_blocks: list[int] | None = None  # the sequence's blocks, held for the transfer to read
 
 
 class PrefillWorker:
@@ -69,7 +73,7 @@ class PrefillWorker:
         with self._senders_lock:
             sender = self._senders.get(address)
             if sender is None:
-                sender = KVSender.connect(address, self.layout, self.transport)
+                sender = KVSender.connect(address, self.layout, self.transport, pools=(self.latent, self.index_keys))
                 self._senders[address] = sender
             return sender
 
@@ -87,17 +91,15 @@ class PrefillWorker:
             out = self._outgoing.get(chunk.request_id)
             if out is None or chunk.start_pos + len(chunk.token_ids) != out.prompt_len:
                 continue  # not ours, or not the prompt's last chunk yet
-            t = out.transfer
-            table = torch.tensor(chunk.block_table, dtype=torch.int64, device=self.latent[0].device)
-            # Copies: the sender goes on in its own thread while this sequence's blocks may be freed and reused.
-            latent = read_rows(self.latent[layer], table, t.start_token, t.num_tokens)
-            index = (
-                read_rows(self.index_keys[layer], table, t.start_token, t.num_tokens)
-                if layer in self.index_keys
-                else None
-            )
+            if out.held_blocks is None:
+                # the sender reads these blocks in its own thread (or the receiver reads them in place): they must
+                # outlive the sequence, which finishes with this step
+                out.held_blocks = list(chunk.block_table)
+                self.engine.block_manager.acquire(out.held_blocks)
+                with contextlib.suppress(TransferFailed):
+                    out.transfer.read_from_pools(out.held_blocks)
             with contextlib.suppress(TransferFailed):  # the decode side gave up: nothing more is sent
-                t.send_layer(layer, latent, index)
+                out.transfer.send_layer(layer)
 
     def _on_hidden(self, request_id: str, hidden: torch.Tensor) -> None:
         out = self._outgoing.get(f"{request_id}#0")
@@ -136,7 +138,9 @@ class PrefillWorker:
             transfer.abort(f"prefill failed: {e!r}")
             raise
         finally:
-            self._outgoing.pop(seq_id, None)
+            out = self._outgoing.pop(seq_id, None)
+            if out is not None and out.held_blocks is not None:
+                await self.async_engine.submit(lambda: self.engine.block_manager.free(out.held_blocks))
         return PrefillResult(
             request_id=request.request_id,
             first_token=token,

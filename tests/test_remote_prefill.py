@@ -48,6 +48,8 @@ def test_remote_prefill_equals_offline(k):
         try:
             got = [await _generate(decode, f"r{i}", p) for i, p in enumerate(prompts)]
             assert await decode.wait_idle()
+            blocks = prefill.engine.block_manager  # the blocks held for the transfers (read in place) are back
+            assert blocks.num_free_blocks == blocks.num_blocks
             return got, decode.remote_prefills, decode.receiver.stats
         finally:
             decode.shutdown()
