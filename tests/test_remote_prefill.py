@@ -17,6 +17,7 @@ from glmserve.prefill.request import PrefillRequest
 from glmserve.prefill.worker import PrefillWorker
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+KV_BUDGET = 256 << 20  # each engine its own budget: several share one GPU when the tests run there
 
 
 def _prompt(n: int, seed: int = 0) -> list[int]:
@@ -36,13 +37,13 @@ def test_remote_prefill_equals_offline(k):
     prompts = [_prompt(n, seed=n) for n in (40, 130, 300)]
     want = [
         o.outputs[0].token_ids
-        for o in LLM(num_speculative_tokens=k).generate(
+        for o in LLM(num_speculative_tokens=k, kv_cache_memory_bytes=KV_BUDGET).generate(
             [{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False
         )
     ]
 
     async def run():
-        args = EngineArgs(num_speculative_tokens=k)
+        args = EngineArgs(num_speculative_tokens=k, kv_cache_memory_bytes=KV_BUDGET)
         prefill = PrefillWorker(args)
         decode = DecodeWorker(args, prefill=prefill.prefill, local_prefill_threshold=100)
         try:
@@ -80,10 +81,11 @@ def _stalling_prefill(decode_layout_source: PrefillWorker):
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
 def test_stalled_transfer_is_given_up(policy):
     prompt = _prompt(300, seed=7)
-    want = LLM().generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    llm = LLM(kv_cache_memory_bytes=KV_BUDGET)
+    want = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
 
     async def run():
-        args = EngineArgs()
+        args = EngineArgs(kv_cache_memory_bytes=KV_BUDGET)
         layout_source = PrefillWorker(args)
         decode = DecodeWorker(
             args,
