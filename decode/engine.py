@@ -15,6 +15,7 @@ import torch
 
 from glmserve.model.block_manager import BlockManager
 from glmserve.model.detokenizer import IncrementalDetokenizer
+from glmserve.model.glm import GlmForCausalLM
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache, gpu_kv_budget, num_blocks_for_budget
 from glmserve.model.loader import load_model, resolve_dtype
 from glmserve.model.model_runner import ModelRunner, SeqChunk, StepOutput
@@ -77,6 +78,20 @@ class _Request:
         return all(t.seq.is_finished for t in self.tracks)
 
 
+def _load_rank_share(args: EngineArgs, dtype: torch.dtype, device: torch.device) -> GlmForCausalLM:
+    """This rank's share of a tensor/expert-parallel replica; the ranks already form the default process group."""
+    from glmserve.model.default_checkpoint import default_checkpoint
+    from glmserve.model.parallel import ParallelConfig, ParallelContext, load_parallel_model
+
+    if not torch.distributed.is_initialized():
+        raise ValueError(
+            "tensor_parallel_size / expert_parallel_size > 1: start the replica's ranks in one torch.distributed "
+            "process group first (glmserve.model.parallel.init_parallel)"
+        )
+    config = ParallelConfig(tp_size=args.tensor_parallel_size, ep_size=args.expert_parallel_size)
+    return load_parallel_model(args.model or default_checkpoint(), ParallelContext.create(config), dtype, device)
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs | None = None, **kwargs):
         args = args or EngineArgs(**kwargs)
@@ -90,7 +105,10 @@ class LLMEngine:
             ("bfloat16" if device.type == "cuda" else "float32") if args.dtype == "auto" else args.dtype
         )
         self.device = device
-        self.model = load_model(args.model, dtype=dtype, device=device)
+        if args.tensor_parallel_size > 1 or args.expert_parallel_size > 1:
+            self.model = _load_rank_share(args, dtype, device)
+        else:
+            self.model = load_model(args.model, dtype=dtype, device=device)
         self.config = self.model.config
         from glmserve.model.default_checkpoint import default_checkpoint
 

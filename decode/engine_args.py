@@ -22,3 +22,8 @@ class EngineArgs(BaseModel):
     seed: int = 0  # for requests without their own seed
     num_speculative_tokens: int = Field(0, ge=0, le=8)  # MTP draft length K; 0 disables speculation
     adaptive_speculation: bool = True  # choose K (down to 0) per step by measured profitability; False: always K
+    # One replica over several ranks: every rank runs this engine on the same requests (SPMD) inside one
+    # torch.distributed group that the launcher started; heads split over tensor_parallel_size ranks, routed experts
+    # over expert_parallel_size (model/parallel/).
+    tensor_parallel_size: int = Field(1, ge=1)
+    expert_parallel_size: int = Field(1, ge=1)
