@@ -448,17 +448,17 @@ class LLMEngine:
         """MTP catch-up on every position whose next token is now known, then drafts for decoding sequences."""
         mtp_chunks, rows, drafting = [], [], []
         offset = 0
+        # In a step with prompt chunks, with step graphs, drafts come cheaper from the next (captured) decode step,
+        # padded beside sequences that have drafts, than from eager draft passes over the whole batch now.
+        defer = self.spec_graphs is not None and any(len(c.token_ids) > c.num_logits for c in chunks)
         for (seq, n), chunk in zip(scheduled, chunks, strict=True):
             start = chunk.start_pos
             valid = min(n, seq.num_computed_tokens - start)  # rejected drafts are not valid positions
             end = start + valid
             if valid > 0 and seq.num_tokens > end:  # the next token of the last valid position is known
-                # After a prompt, with step graphs, the first drafts come cheaper from the next (captured) step,
-                # padded beside sequences that have drafts, than from eager draft passes now.
-                prefilled = len(chunk.token_ids) > chunk.num_logits and self.spec_graphs is not None
                 want = (
                     0
-                    if seq in finishing or seq.num_computed_tokens < seq.num_tokens - 1 or prefilled
+                    if seq in finishing or seq.num_computed_tokens < seq.num_tokens - 1 or defer
                     else self._k_for(seq, k_policy)
                 )
                 ok = want > 0 and self.scheduler.ensure_blocks(seq, seq.num_tokens + want)

@@ -122,6 +122,12 @@ def test_speculative_step_graphs_equal_plain_decoding(prompts, baseline, k):
     capped = [GREEDY.model_copy(update={"num_speculative_tokens": c}) for c in (0, 1, None, 2, 0)]
     assert _tokens(llm, prompts, capped) == baseline  # sequences with fewer drafts ride along padded
     _no_leaks(llm)
+    # prompt chunks beside decoding sequences (a 48-token budget): drafting waits for the next pure decode step
+    chunked = LLM(num_speculative_tokens=k, adaptive_speculation=False, max_num_seqs=8, max_num_batched_tokens=48)
+    chunked.engine.runner.graphs = DecodeGraphs(chunked.engine.runner, 8, capture=False)
+    chunked.engine.spec_graphs = SpecDecodeGraphs(chunked.engine.runner, chunked.engine.drafter, 8, k, capture=False)
+    assert _tokens(chunked, prompts) == baseline
+    _no_leaks(chunked)
     penalized = GREEDY.model_copy(update={"repetition_penalty": 1.3})
     want = _tokens(LLM(), prompts[:2], [GREEDY, penalized])
     assert _tokens(llm, prompts[:2], [GREEDY, penalized]) == want
