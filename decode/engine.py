@@ -149,7 +149,7 @@ class LLMEngine:
             )
         k = args.num_speculative_tokens
         choices = (0, k) if self.spec_graphs is not None else None
-        self.policy = SpeculationPolicy(k, seed=args.seed, choices=choices)
+        self.policy = SpeculationPolicy(k, choices=choices)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device="cpu").manual_seed(args.seed)
         self._arrival = itertools.count()

@@ -3,12 +3,12 @@
 With per-position acceptance rates a_1..a_K (a_i: the chance draft i is accepted given the ones before it were), a
 step that verifies K drafts emits E(K) = 1 + a_1 + a_1 a_2 + ... tokens and costs t(B, K), the measured time of
 such a step at batch size B. Speculation pays while E(K) / t(B, K) beats E(0) / t(B, 0) = 1 / t(B, 0); at large
-batches the forward is compute-bound, t grows with K, and K falls to 0. Unmeasured (B, K) cells are tried now and
-then, so the choice follows the load. With whole-step CUDA graphs the engine offers only 0 and K: every other draft
-length would be a family of graphs of its own to capture.
+batches the forward is compute-bound, t grows with K, and K falls to 0. Each (B, K) cell is tried first, and a
+value not chosen for REMEASURE_EVERY steps at that batch size is tried once more, so the choice follows the load.
+Trials are rare and scheduled rather than random: every switch of K changes the shape of the next steps, and with
+whole-step CUDA graphs a new shape costs a capture. For the same reason the engine then offers only 0 and K.
 """
 
-import random
 import statistics
 from collections import defaultdict, deque
 
@@ -16,9 +16,9 @@ from collections import defaultdict, deque
 class SpeculationPolicy:
     EMA = 0.1  # acceptance rates
     WINDOW = 16  # recent step times kept per (batch bucket, K): their median is the estimate
-    EXPLORE = 0.05
+    REMEASURE_EVERY = 128  # steps at a batch size after which a value not chosen there is tried again
 
-    def __init__(self, max_k: int, seed: int = 0, choices: tuple[int, ...] | None = None):
+    def __init__(self, max_k: int, choices: tuple[int, ...] | None = None):
         self.max_k = max_k
         self.choices = list(choices if choices is not None else range(max_k + 1))
         self.accept = [0.7] * max_k  # prior until measured
@@ -27,7 +27,8 @@ class SpeculationPolicy:
         self.samples: dict[tuple[int, int], deque[float]] = defaultdict(lambda: deque(maxlen=self.WINDOW))
         self.drafted = [0] * max_k
         self.accepted = [0] * max_k
-        self.rng = random.Random(seed)
+        self.steps: dict[int, int] = defaultdict(int)  # choices made per batch bucket
+        self.last_chosen: dict[tuple[int, int], int] = {}  # (bucket, K) -> step of the bucket it was last chosen
 
     @property
     def step_time(self) -> dict[tuple[int, int], float]:
@@ -49,13 +50,16 @@ class SpeculationPolicy:
         if self.max_k == 0:
             return 0
         b = self.bucket(batch_size)
+        self.steps[b] += 1
         unmeasured = [k for k in self.choices if (b, k) not in self.samples]
-        if unmeasured and (self.rng.random() < 0.5 or len(unmeasured) == len(self.choices)):
-            return self.rng.choice(unmeasured)
-        if self.rng.random() < self.EXPLORE:
-            return self.rng.choice(self.choices)
-        times = {k: statistics.median(self.samples[(b, k)]) for k in self.choices if (b, k) in self.samples}
-        return max(times, key=lambda k: self.expected_tokens(k) / times[k])
+        stale = [k for k in self.choices if self.steps[b] - self.last_chosen.get((b, k), 0) > self.REMEASURE_EVERY]
+        if unmeasured or stale:
+            k = (unmeasured or stale)[0]
+        else:
+            times = {k: statistics.median(self.samples[(b, k)]) for k in self.choices}
+            k = max(times, key=lambda k: self.expected_tokens(k) / times[k])
+        self.last_chosen[(b, k)] = self.steps[b]
+        return k
 
     def record_step(self, batch_size: int, k: int, seconds: float) -> None:
         self.samples[(self.bucket(batch_size), k)].append(seconds)
