@@ -70,6 +70,7 @@ def _bench_mtp(args: argparse.Namespace) -> int:
         args.num_prompts,
         args.max_tokens,
         tuple(args.batch_sizes),
+        tuple(args.ks),
         output_json=args.output_json,
     )
     return 0
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     mtp.add_argument("--num-prompts", type=int, default=16)
     mtp.add_argument("--max-tokens", type=int, default=64)
     mtp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    mtp.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4], help="draft lengths K to compare")
     mtp.add_argument("--output-json", default="bench_mtp.json")
     mtp.set_defaults(func=_bench_mtp)
     router = bench.add_parser("router", help="latency the OpenAI router adds over calling decode directly")
