@@ -18,7 +18,7 @@ from enum import Enum
 
 import torch
 
-from . import pool_copy  # by module: tests reload it to run the kernel under TRITON_INTERPRET
+from . import pool_copy
 from .completion import Completion
 from .errors import FailureKind, TransferFailed
 from .frames import FrameHeader

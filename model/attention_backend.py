@@ -177,8 +177,7 @@ class TritonAttention:
     launches (benchmarks time the stages through it)."""
 
     def __init__(self) -> None:
-        # Triton loads with the first Triton backend, not with this module. The kernels are reached through their
-        # modules, so tests that reload them under TRITON_INTERPRET reach this backend too.
+        # Triton loads with the first Triton backend, not with this module.
         from .kernels import indexer, paged_mla, topk
 
         self.kernels = indexer, paged_mla, topk
