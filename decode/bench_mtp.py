@@ -17,6 +17,12 @@ from .llm import LLM
 
 log = logging.getLogger(__name__)
 KV_BUDGET = 1 << 30
+_MAX_WARMUPS = 4
+
+
+def _num_graphs(llm: LLM) -> int:
+    engine = llm.engine
+    return sum(len(g.graphs) for g in (engine.runner.graphs, engine.spec_graphs) if g is not None)
 
 
 def _run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, float, list]:
@@ -61,7 +67,13 @@ def run_bench_mtp(
         engines[f"K={max(ks)} no index share"] = _without_index_share(model, batch, max(ks), common)
         baseline_tokens = None
         for name, llm in engines.items():
-            _run(llm, prompts, max_tokens)  # warm-up: the same workload captures every CUDA graph it replays
+            # Warm-up on the same workload until a pass captures no new CUDA graph: with adaptive K the step shapes
+            # (drafts verified, drafts made) vary from run to run, so one pass may not meet them all.
+            for _ in range(_MAX_WARMUPS):
+                captured = _num_graphs(llm)
+                _run(llm, prompts, max_tokens)
+                if _num_graphs(llm) == captured:
+                    break
             seconds, tpot, outs = _run(llm, prompts, max_tokens)
             token_ids = [o.outputs[0].token_ids for o in outs]
             tokens = sum(len(t) for t in token_ids)
@@ -86,6 +98,9 @@ def run_bench_mtp(
                         a / d if d else None for a, d in zip(policy.accepted, policy.drafted, strict=True)
                     ],
                     "same_tokens_as_off": token_ids == baseline_tokens,
+                    # what the speculation policy measured: step time per (batch bucket, K), acceptance per position
+                    "policy_step_ms": {f"b{b} K={k}": t * 1e3 for (b, k), t in sorted(policy.step_time.items())},
+                    "policy_acceptance": policy.accept,
                 }
             )
     print(f"MTP speculative decoding on {num_prompts} held-out function headers, {max_tokens} greedy tokens each")
