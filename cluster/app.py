@@ -39,7 +39,7 @@ def _limit_threads(role: RoleConfig) -> None:
 
 
 async def _post_stats_forever(replica: str, stats) -> None:
-    board = stats_board.get_or_create()
+    board = stats_board.get_or_create(serve.get_replica_context().app_name)
     while True:
         try:
             await board.post.remote(replica, stats())
@@ -95,7 +95,7 @@ class DecodeServer:
             vocab_size=model_config.vocab_size,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.board = stats_board.get_or_create()
+        self.board = stats_board.get_or_create(serve.get_replica_context().app_name)
         self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(self.replica, self._stats))
 
     def _stats(self) -> dict[str, float]:

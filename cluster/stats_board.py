@@ -27,5 +27,7 @@ class StatsBoard:
         return {r: stats for r, (_, stats) in self._latest.items()}
 
 
-def get_or_create() -> "ray.actor.ActorHandle":
-    return StatsBoard.options(name=NAME, get_if_exists=True, namespace="glmserve", lifetime="detached").remote()
+def get_or_create(app_name: str) -> "ray.actor.ActorHandle":
+    """The board of one Serve application (apps sharing a cluster must not add up each other's series)."""
+    name = f"{NAME}-{app_name}"
+    return StatsBoard.options(name=name, get_if_exists=True, namespace="glmserve", lifetime="detached").remote()

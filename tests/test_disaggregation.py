@@ -121,6 +121,7 @@ def test_prefill_replica_killed_midway_recomputes_locally(apps):
     time.sleep(1.5)
     assert _metric(apps["disagg"], "kv_transfer_failures_total", "decode") >= 1
     assert _metric(apps["disagg"], "kv_cache_usage_perc", "decode") == 0
+    assert _metric(apps["coloc"], "kv_transfer_failures_total", "decode") == 0  # each app reports its own replicas
 
 
 def test_prefill_replica_killed_midway_fails_clearly_under_fail_policy(apps):
