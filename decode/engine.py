@@ -347,8 +347,9 @@ class LLMEngine:
         num_drafts = max(self._k_for(seq, k) for seq in ready)
         verified = max(len(c.token_ids) for c in chunks)
         for seq, chunk in zip(ready, chunks, strict=True):
-            if not self.scheduler.ensure_blocks(seq, chunk.start_pos + verified - 1 + num_drafts):
-                return None
+            needed = chunk.start_pos + verified - 1 + num_drafts  # tokens, up to the last draft pass's position
+            if needed > self.max_model_len or not self.scheduler.ensure_blocks(seq, needed):
+                return None  # near the end of the context: the eager path drafts fewer for this sequence
         return num_drafts
 
     def _spec_graph_step(
@@ -506,8 +507,11 @@ class LLMEngine:
             hidden, logits = out.hidden, out.logits
 
     def _k_for(self, seq: Sequence, k_policy: int) -> int:
+        """Drafts for `seq`: the policy's K, lowered by the request's cap and by the room left before max_model_len
+        (draft i sits at position num_tokens + i - 1; the sequence ends at max_model_len anyway)."""
         cap = seq.params.num_speculative_tokens
-        return k_policy if cap is None else min(cap, k_policy)
+        k = k_policy if cap is None else min(cap, k_policy)
+        return max(0, min(k, self.max_model_len - seq.num_tokens))
 
     def _emit(self, request: _Request) -> RequestOutput:
         deltas = []

@@ -142,3 +142,20 @@ def test_policy_times_decode_steps_only(prompts):
     assert not llm.engine.policy.samples
     _tokens(llm, prompts[:2], GREEDY)
     assert llm.engine.policy.samples
+
+
+@pytest.mark.parametrize("step_graphs", [False, True], ids=["eager", "step_graphs"])
+def test_drafts_stop_at_max_model_len(step_graphs):
+    """Near the end of the context drafts must not reach past max_model_len: at the model's full context their
+    blocks would lie beyond the runner's block tables."""
+    prompt = random_prompts([4086], 8000, seed=9)  # glm5-tiny's context is 4096
+    params = GREEDY.model_copy(update={"max_tokens": 100})
+    want = _tokens(LLM(), prompt, params)
+    llm = LLM(num_speculative_tokens=4, adaptive_speculation=False)
+    if step_graphs:
+        engine = llm.engine
+        engine.runner.graphs = DecodeGraphs(engine.runner, 8, capture=False)
+        engine.spec_graphs = SpecDecodeGraphs(engine.runner, engine.drafter, 8, 4, capture=False)
+    got = _tokens(llm, prompt, params)
+    assert got == want and len(got[0]) == 10
+    _no_leaks(llm)
