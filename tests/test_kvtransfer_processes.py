@@ -137,6 +137,49 @@ def test_nccl_transport_with_gloo_between_two_processes():
         assert_landed_exactly(receiver)
 
 
+SRC = [5, 12, 0, 7, 3, 9, 14]  # the sender's block table: unlike DST, so rows must be re-addressed on the way
+
+
+def pool_sender_main(address, transport, device, plan, connected, resume, halfway, results) -> None:
+    """As `sender_main`, but the rows wait in paged pools (at SRC) and every layer is sent from there, as a prefill
+    worker sends them."""
+    try:
+        latent, index = seeded_rows()
+        bs = LAYOUT.block_size
+
+        def paged(rows: torch.Tensor) -> torch.Tensor:
+            pool = torch.zeros(NUM_BLOCKS, bs, rows.shape[1], dtype=LAYOUT.dtype)
+            for i in range(NUM_TOKENS):
+                pool[SRC[(START + i) // bs], (START + i) % bs] = rows[i]
+            return pool
+
+        pools = ([paged(rows) for rows in latent], {layer: paged(rows) for layer, rows in index.items()})
+        sender = KVSender.connect(address, LAYOUT, transport=transport, pools=pools, chunk_bytes=256)
+        connected.set()
+        resume.get()
+        transfer = sender.open_transfer("req", src_block_ids=SRC)
+        for layer in [4, 1, 5, 0, 3, 2]:
+            transfer.send_layer(layer)
+        transfer.complete(11, -0.5).result(WAIT_S)
+        results.put("completed")
+    except TransferFailed as e:
+        results.put(e.kind.value)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "nccl"])
+def test_rows_sent_from_paged_pools_land_exactly(transport):
+    with make_receiver(transport) as receiver:
+        sender = SenderProcess(receiver.address, transport, target=pool_sender_main)
+        try:
+            future = receiver.register("req", DST, NUM_TOKENS, start_token=START, lease_s=WAIT_S)
+            sender.go()
+            future.result(WAIT_S)
+            assert sender.result() == "completed"
+        finally:
+            sender.stop()
+        assert_landed_exactly(receiver)
+
+
 @pytest.mark.parametrize("transport", ["tcp", "nccl"])
 def test_sender_killed_mid_transfer_fails_the_transfer_promptly(transport):
     with make_receiver(transport) as receiver:
