@@ -8,14 +8,12 @@ Every check draws fresh random pools (random bits, so any misplaced byte shows) 
 import pytest
 import torch
 from test_kvtransfer_processes import (
-    DST,
-    NUM_TOKENS,
     SENTINEL,
-    START,
     WAIT_S,
     SenderProcess,
     assert_landed_exactly,
     make_receiver,
+    transfer_to_completion,
     wait_for,
 )
 
@@ -240,14 +238,7 @@ def warm_up_copy_kernel() -> None:
 @pytest.mark.gpu
 def test_cuda_ipc_rows_through_staging_are_bit_exact():
     with make_receiver("cuda_ipc", device="cuda") as receiver:
-        sender = SenderProcess(receiver.address, "cuda_ipc", device="cuda:0")
-        try:
-            future = receiver.register("req", DST, NUM_TOKENS, start_token=START, lease_s=WAIT_S)
-            sender.go()
-            future.result(WAIT_S)
-            assert sender.result() == "completed"
-        finally:
-            sender.stop()
+        transfer_to_completion(receiver, SenderProcess(receiver.address, "cuda_ipc", device="cuda:0"))
         assert_landed_exactly(receiver)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from glmserve.kvtransfer import KVLayout, KVReceiver, KVSender, LeaseExpired, PeerLost, TransferFailed
+from glmserve.kvtransfer import Completion, KVLayout, KVReceiver, KVSender, LeaseExpired, PeerLost, TransferFailed
 from glmserve.kvtransfer.bench import bench_tcp
 
 pytestmark = pytest.mark.timeout(90)
@@ -104,6 +104,18 @@ def wait_for(condition, timeout: float = WAIT_S) -> None:
         time.sleep(0.01)
 
 
+def transfer_to_completion(receiver: KVReceiver, sender: SenderProcess) -> Completion:
+    """Register the test transfer (DST, START, NUM_TOKENS), let the sender go, and wait for both ends to finish."""
+    try:
+        future = receiver.register("req", DST, NUM_TOKENS, start_token=START, lease_s=WAIT_S)
+        sender.go()
+        completion = future.result(WAIT_S)
+        assert sender.result() == "completed"
+    finally:
+        sender.stop()
+    return completion
+
+
 def assert_landed_exactly(receiver: KVReceiver) -> None:
     """Reference: every transferred token's row at block DST[t // bs], slot t % bs; everything else untouched."""
     latent, index = seeded_rows()
@@ -124,14 +136,7 @@ def pools_bits(receiver: KVReceiver) -> list[torch.Tensor]:
 
 def test_nccl_transport_with_gloo_between_two_processes():
     with make_receiver("nccl") as receiver:
-        sender = SenderProcess(receiver.address, "nccl")
-        try:
-            future = receiver.register("req", DST, NUM_TOKENS, start_token=START, lease_s=WAIT_S)
-            sender.go()
-            completion = future.result(WAIT_S)
-            assert sender.result() == "completed"
-        finally:
-            sender.stop()
+        completion = transfer_to_completion(receiver, SenderProcess(receiver.address, "nccl"))
         assert completion.first_token == 11 and completion.top_logprobs == [(11, -0.5)]
         assert torch.equal(completion.hidden, torch.arange(4.0))
         assert_landed_exactly(receiver)
@@ -169,14 +174,7 @@ def pool_sender_main(address, transport, device, plan, connected, resume, halfwa
 @pytest.mark.parametrize("transport", ["tcp", "nccl"])
 def test_rows_sent_from_paged_pools_land_exactly(transport):
     with make_receiver(transport) as receiver:
-        sender = SenderProcess(receiver.address, transport, target=pool_sender_main)
-        try:
-            future = receiver.register("req", DST, NUM_TOKENS, start_token=START, lease_s=WAIT_S)
-            sender.go()
-            future.result(WAIT_S)
-            assert sender.result() == "completed"
-        finally:
-            sender.stop()
+        transfer_to_completion(receiver, SenderProcess(receiver.address, transport, target=pool_sender_main))
         assert_landed_exactly(receiver)
 
 
@@ -234,12 +232,5 @@ def test_bench_tcp_moves_bytes_exactly():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL cannot pair two ranks on one GPU")
 def test_nccl_transfer_between_two_gpus_is_bit_exact():
     with make_receiver("nccl", device="cuda:0") as receiver:
-        sender = SenderProcess(receiver.address, "nccl", device="cuda:1")
-        try:
-            future = receiver.register("req", DST, NUM_TOKENS, start_token=START, lease_s=WAIT_S)
-            sender.go()
-            future.result(WAIT_S)
-            assert sender.result() == "completed"
-        finally:
-            sender.stop()
+        transfer_to_completion(receiver, SenderProcess(receiver.address, "nccl", device="cuda:1"))
         assert_landed_exactly(receiver)
