@@ -145,7 +145,7 @@ class LLMEngine:
         if self.drafter is not None and self.runner.graphs is not None:
             graphs = self.runner.graphs
             self.spec_graphs = SpecDecodeGraphs(
-                self.runner, self.drafter, graphs.max_batch, args.num_speculative_tokens, graphs.capture
+                self.runner, self.drafter, graphs.max_batch, args.num_speculative_tokens, graphs.graphs.capture
             )
         k = args.num_speculative_tokens
         choices = (0, k) if self.spec_graphs is not None else None

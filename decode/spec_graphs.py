@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from glmserve.model.cuda_graphs import CapturedStep, Step, context_bucket, padded_batch_size
+from glmserve.model.cuda_graphs import GraphCache, Step, context_bucket, padded_batch_size
 from glmserve.model.model_runner import ModelRunner, SeqChunk
 from glmserve.model.mtp_drafter import MTPDrafter
 
@@ -33,7 +33,7 @@ class SpecStepResult:
     target: list[list[int]]  # [n][K+1] the target's argmax at each verified position
     accepted: list[int]  # [n] drafts accepted
     drafts: list[list[int]]  # [n][D] the next drafts
-    hidden: torch.Tensor  # [n, K+1, hidden] final-norm target hidden states (device)
+    hidden: torch.Tensor  # [n, K+1, hidden] final-norm target hidden states (device; overwritten by the next replay)
     captured: bool  # this call captured the graph (its time is not a replay's)
 
 
@@ -43,13 +43,11 @@ class SpecDecodeGraphs:
         self.runner = runner
         self.drafter = drafter
         self.max_batch = max_batch
-        self.capture = capture
         device = runner.device
         self.tokens = torch.zeros(max_batch, max_k + 1, dtype=torch.long, device=device)  # last token, then drafts
         self.meta = torch.zeros(2, max_batch, dtype=torch.long, device=device)  # start position, table row
         self.block_tables = torch.zeros(max_batch, runner.tables.max_blocks, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, ...], CapturedStep] = {}
-        self.pool: tuple | None = None
+        self.graphs = GraphCache(capture)
 
     def accepts(self, chunks: list[SeqChunk]) -> bool:
         """A pure decode step: each sequence's last token and at most K drafts, all with logits."""
@@ -77,19 +75,14 @@ class SpecDecodeGraphs:
         blocks = self._blocks(max(verify_width, draft_width))
         self.block_tables[:size, :blocks] = self.runner.tables.table[self.meta[1, :size], :blocks]
         key = (size, q, num_drafts, verify_width, draft_width)
-        graph = self.graphs.get(key)
-        captured = graph is None
-        if captured:
-            graph = self.graphs[key] = CapturedStep(self._step(*key), self.capture, self.pool)
-            if graph.graph is not None:
-                self.pool = graph.graph.pool()
+        graph, captured = self.graphs.get_or_capture(key, lambda: self._step(*key))
         target, accepted, drafts, hidden = graph.run()
         host_out = torch.cat((target[:n], accepted[:n, None], drafts[:n]), dim=1).tolist()  # one sync
         return SpecStepResult(
             target=[r[:q] for r in host_out],
             accepted=[r[q] for r in host_out],
             drafts=[r[q + 1 :] for r in host_out],
-            hidden=hidden[: n * q].view(n, q, -1).clone(),
+            hidden=hidden[: n * q].view(n, q, -1),  # graph memory: read it before the next replay (hidden_hook does)
             captured=captured,
         )
 

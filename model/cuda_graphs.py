@@ -57,18 +57,35 @@ class CapturedStep:
         return self.outputs
 
 
+class GraphCache(dict):
+    """Captured steps by shape key. Later captures share the memory pool of earlier ones: replays never overlap."""
+
+    def __init__(self, capture: bool):
+        super().__init__()
+        self.capture = capture
+        self.pool: tuple | None = None
+
+    def get_or_capture(self, key: tuple, make_step: Callable[[], Step]) -> tuple[CapturedStep, bool]:
+        """The step for `key`, and whether it was captured by this call."""
+        graph = self.get(key)
+        if graph is not None:
+            return graph, False
+        graph = self[key] = CapturedStep(make_step(), self.capture, self.pool)
+        if graph.graph is not None:
+            self.pool = graph.graph.pool()
+        return graph, True
+
+
 class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_batch: int, capture: bool = True):
         """`capture=False` runs the same static-input steps eagerly (CPU tests of the padding and buckets)."""
         self.runner = runner
         self.max_batch = max_batch
-        self.capture = capture
         self.block_size = runner.cache.spec.block_size
         device = runner.device
         self.inputs = torch.zeros(3, max_batch, dtype=torch.long, device=device)  # token, position, table row
         self.block_tables = torch.zeros(max_batch, runner.tables.max_blocks, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, int], CapturedStep] = {}
-        self.pool: tuple | None = None
+        self.graphs = GraphCache(capture)
 
     def accepts(self, chunks: list[SeqChunk]) -> bool:
         return 0 < len(chunks) <= self.max_batch and all(len(c.token_ids) == 1 == c.num_logits for c in chunks)
@@ -87,11 +104,7 @@ class DecodeGraphs:
         self.inputs[:, :size].copy_(host)
         blocks = -(-width // self.block_size)
         self.block_tables[:size, :blocks] = self.runner.tables.table[self.inputs[2, :size], :blocks]
-        graph = self.graphs.get((size, width))
-        if graph is None:
-            graph = self.graphs[(size, width)] = CapturedStep(self._step(size, width), self.capture, self.pool)
-            if graph.graph is not None:
-                self.pool = graph.graph.pool()  # later graphs share the memory of earlier ones (replays never overlap)
+        graph, _ = self.graphs.get_or_capture((size, width), lambda: self._step(size, width))
         logits, hidden = graph.run()
         hidden = hidden[:n].clone()
         return StepOutput(logits=logits[:n].clone(), hidden=hidden, all_hidden=hidden if keep_all_hidden else None)
