@@ -342,7 +342,8 @@ class LLMEngine:
         argmax-only requests, with blocks for the next drafts), else None."""
         if self.spec_graphs is None or len(ready) != len(scheduled) or not self.spec_graphs.accepts(chunks):
             return None
-        if not all(seq.params.argmax_only(len(seq.output_token_ids)) for seq in ready):
+        # outputs so far: token_ids holds the drafts under verification too
+        if not all(seq.params.argmax_only(seq.num_tokens - seq.num_prompt_tokens - len(seq.drafts)) for seq in ready):
             return None
         num_drafts = max(self._k_for(seq, k) for seq in ready)
         verified = max(len(c.token_ids) for c in chunks)

@@ -128,6 +128,15 @@ def test_speculative_step_graphs_equal_plain_decoding(prompts, baseline, k):
     chunked.engine.spec_graphs = SpecDecodeGraphs(chunked.engine.runner, chunked.engine.drafter, 8, k, capture=False)
     assert _tokens(chunked, prompts) == baseline
     _no_leaks(chunked)
+    # min_tokens masks stop tokens: a step whose outputs are still short of it takes the eager path, counting outputs
+    # without the drafts under verification. The stop tokens are what the model emits just before min_tokens.
+    plain = LLM()
+    for min_tokens in (10, 14):
+        for prompt, base in zip(prompts, baseline, strict=True):
+            stops = sorted(set(base[min_tokens - 4 : min_tokens]) - set(base[: min_tokens - 4]))
+            params = GREEDY.model_copy(update={"stop_token_ids": stops, "min_tokens": min_tokens})
+            assert _tokens(llm, [prompt], params) == _tokens(plain, [prompt], params)
+    _no_leaks(llm)
     penalized = GREEDY.model_copy(update={"repetition_penalty": 1.3})
     want = _tokens(LLM(), prompts[:2], [GREEDY, penalized])
     assert _tokens(llm, prompts[:2], [GREEDY, penalized]) == want
