@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .engine import LLMEngine
+from .engine_protocol import Engine
 from .outputs import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -24,13 +24,14 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: Engine):
         self.engine = engine
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
         self._error: BaseException | None = None
+        self._unsettled: set[asyncio.Future] = set()  # submitted commands not yet run
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -39,7 +40,7 @@ class AsyncEngine:
         try:
             while not self._stopped:
                 self._drain_commands()
-                if not self.engine.scheduler.has_work:
+                if not self.engine.has_work:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
@@ -47,9 +48,11 @@ class AsyncEngine:
                     self._deliver(out.request_id, out)
         except BaseException as e:  # surface to every waiter instead of hanging them
             log.exception("engine loop died")
-            self._error = e
+            self._error = e  # before the sweep below: a later submit raises instead of queueing
             for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"engine loop died: {e!r}"))
+                self._deliver(rid, self._dead())
+            for future in list(self._unsettled):  # commands that will never run
+                future.get_loop().call_soon_threadsafe(_settle, future, None, self._dead())
 
     def _drain_commands(self) -> None:
         while True:
@@ -66,14 +69,28 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, item)
 
     # ---- any thread ----
-    def submit(self, command: Callable[[], Any]) -> "asyncio.Future[Any]":
-        """Run `command()` on the engine thread between steps; the future resolves with its result."""
+    def check_alive(self) -> None:
+        """Raise EngineDeadError once the engine loop has died (Ray Serve's health check calls this)."""
         if self._error is not None:
-            raise EngineDeadError(f"engine loop died: {self._error!r}")
+            raise self._dead()
+
+    def _dead(self) -> EngineDeadError:
+        return EngineDeadError(f"engine loop died: {self._error!r}")
+
+    def submit(self, command: Callable[[], Any]) -> "asyncio.Future[Any]":
+        """Run `command()` on the engine thread between steps; the future resolves with its result (or, should the
+        engine loop die first, with EngineDeadError)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        self._unsettled.add(future)  # before the check: the loop either sees it when dying or has died already
+        try:
+            self.check_alive()
+        except EngineDeadError:
+            self._unsettled.discard(future)
+            raise
 
         def run() -> None:
+            self._unsettled.discard(future)
             try:
                 result = command()
             except BaseException as e:

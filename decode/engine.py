@@ -32,7 +32,7 @@ from .sequence import Sequence
 from .spec_decode import verify_drafts
 from .spec_graphs import SpecDecodeGraphs
 from .spec_policy import SpeculationPolicy
-from .validation import InvalidRequest, validate_request
+from .validation import check_new_request
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,9 @@ class LLMEngine:
         `fail_remote` follows).
         """
         params = params or SamplingParams()
-        if request_id in self._requests:
-            raise InvalidRequest(f"request id {request_id!r} is already running", "request_id")
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        validate_request(ids, params, self.config.vocab_size, self.max_model_len)
+        ids = check_new_request(
+            request_id, prompt, params, self.tokenizer, self._requests, self.config.vocab_size, self.max_model_len
+        )
         tracks = []
         for i in range(params.n):
             seq = Sequence(f"{request_id}#{i}", ids, params, arrival=next(self._arrival))
@@ -244,6 +243,32 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether a step would run anything (requests waiting on a remote prefill do not count)."""
+        return self.scheduler.has_work
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running and every KV block free (tests use it to check that nothing leaked)."""
+        return not self.scheduler.has_work and self.block_manager.num_free_blocks == self.block_manager.num_blocks
+
+    def stats(self) -> dict[str, float]:
+        """Counters for metrics and routing, under the names /metrics exports them by."""
+        blocks, policy = self.block_manager, self.policy
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": blocks.usage,
+            "prefix_cache_queries": blocks.prefix_queries,
+            "prefix_cache_hits": blocks.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "spec_decode_num_draft_tokens": sum(policy.drafted),
+            "spec_decode_num_accepted_tokens": sum(policy.accepted),
+            **{f"spec_decode_accepted_pos{i}": n for i, n in enumerate(policy.accepted)},
+            **{f"spec_decode_drafted_pos{i}": n for i, n in enumerate(policy.drafted)},
+        }
 
     # ---- stepping ----
     def step(self) -> list[RequestOutput]:

@@ -23,6 +23,7 @@ from glmserve.prefill.worker import transfer_layout
 from .async_engine import AsyncEngine
 from .engine import LLMEngine, RemotePrefill
 from .engine_args import EngineArgs
+from .engine_protocol import Engine
 from .outputs import Logprob, RequestOutput
 from .request import EngineRequest
 
@@ -45,8 +46,10 @@ class DecodeWorker:
         timeout_s: float = 600.0,
         on_failure: Literal["recompute", "fail"] = "recompute",
         host: str = "127.0.0.1",
+        engine: Engine | None = None,
     ):
-        self.engine = LLMEngine(engine_args)
+        """`engine`: one already built from `engine_args` (a ParallelEngine); default: an LLMEngine here."""
+        self.engine = engine or LLMEngine(engine_args)
         self.async_engine = AsyncEngine(self.engine)
         self.prefill = prefill
         self.threshold = local_prefill_threshold
@@ -152,33 +155,21 @@ class DecodeWorker:
 
     def stats(self) -> dict[str, float]:
         """Cheap counters for metrics and routing; read without locking (ints and floats, torn reads harmless)."""
-        engine = self.engine
-        blocks = engine.block_manager
         received = self.receiver.stats if self.receiver else None
         return {
             "role": "decode",
-            "num_requests_running": len(engine.scheduler.running),
-            "num_requests_waiting": len(engine.scheduler.waiting),
-            "kv_cache_usage": blocks.usage,
-            "prefix_cache_queries": blocks.prefix_queries,
-            "prefix_cache_hits": blocks.prefix_hits,
-            "num_preemptions": engine.scheduler.num_preemptions,
+            **self.engine.stats(),
             "kv_transfer_bytes": received.bytes_received if received else 0,
             "kv_transfer_seconds": received.transfer_seconds if received else 0.0,
             "kv_transfer_failures": received.transfers_failed if received else 0,
-            "spec_decode_num_draft_tokens": sum(engine.policy.drafted),
-            "spec_decode_num_accepted_tokens": sum(engine.policy.accepted),
-            **{f"spec_decode_accepted_pos{i}": n for i, n in enumerate(engine.policy.accepted)},
-            **{f"spec_decode_drafted_pos{i}": n for i, n in enumerate(engine.policy.drafted)},
         }
 
     async def wait_idle(self, timeout: float = 10.0) -> bool:
         """True once no request holds blocks (tests use it to check that nothing leaked)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        blocks = self.engine.block_manager
         while loop.time() < deadline:
-            if not self.engine.scheduler.has_work and blocks.num_free_blocks == blocks.num_blocks:
+            if self.engine.idle:
                 return True
             await asyncio.sleep(0.05)
         return False
