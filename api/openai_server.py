@@ -8,6 +8,7 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
+from glmserve.decode.async_engine import EngineDeadError
 from glmserve.decode.outputs import CompletionDelta, RequestOutput
 from glmserve.decode.request import EngineRequest
 from glmserve.decode.server import RemotePrefillFailed
@@ -146,6 +147,8 @@ class OpenAIServer:
             raise InvalidRequestError(str(e), param=e.param) from None
         except RemotePrefillFailed as e:
             raise ServiceUnavailableError(str(e).splitlines()[-1], retry_after=1) from None
+        except EngineDeadError as e:  # e.g. a rank of a parallel replica died; Serve's health check replaces it
+            raise ServiceUnavailableError(f"this replica's engine stopped: {e}", retry_after=1) from None
 
     # ---- /v1/chat/completions ----
     async def chat(self, raw: bytes) -> ChatCompletion | AsyncIterator[str]:

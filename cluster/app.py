@@ -26,6 +26,7 @@ from glmserve.prefill.request import PrefillRequest, PrefillResult
 from glmserve.prefill.worker import PrefillWorker
 
 from . import serve_env, stats_board
+from .parallel_engine import ParallelEngine, parallel_config
 from .serving_config import RoleConfig, ServingConfig
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class DecodeServer:
 
     def __init__(self, config: ServingConfig, prefill: DeploymentHandle | None = None):
         _limit_threads(config.decode)
+        # tensor/expert parallel: the engine runs on rank actors (a GPU, or a CPU, each) that this replica drives
+        self.parallel_engine = None
+        if parallel_config(config.engine) is not None:
+            self.parallel_engine = ParallelEngine(config.engine, use_gpu=config.decode.num_gpus > 0)
         self.worker = DecodeWorker(
             config.engine,
             prefill=(lambda request: prefill.prefill.remote(request)) if prefill is not None else None,
@@ -83,6 +88,7 @@ class DecodeServer:
             timeout_s=config.kv_transfer.timeout_s,
             on_failure=config.kv_transfer.on_failure,
             host=ray.util.get_node_ip_address() if config.host not in ("127.0.0.1", "localhost") else "127.0.0.1",
+            engine=self.parallel_engine,
         )
         model_config = self.worker.engine.config
         self.config = config
@@ -119,15 +125,21 @@ class DecodeServer:
     async def wait_idle(self, timeout: float = 10.0) -> bool:
         return await self.worker.wait_idle(timeout)
 
+    def check_health(self) -> None:
+        """Serve replaces a replica whose engine died (e.g. one of its rank actors)."""
+        self.worker.async_engine.check_alive()
+
     def __del__(self) -> None:
         self.worker.shutdown()
+        if self.parallel_engine is not None:
+            self.parallel_engine.shutdown()
 
 
-def _options(role: RoleConfig) -> dict:
+def _options(role: RoleConfig, num_gpus: float | None = None) -> dict:
     options: dict = {
         "ray_actor_options": {
             "num_cpus": role.num_cpus,
-            "num_gpus": role.num_gpus,
+            "num_gpus": role.num_gpus if num_gpus is None else num_gpus,
             "runtime_env": {"env_vars": serve_env.replica_env()},
         },
         "max_ongoing_requests": role.max_ongoing_requests,
@@ -144,7 +156,7 @@ def build_app(config: ServingConfig) -> serve.Application:
     if not isinstance(config, ServingConfig):
         config = ServingConfig.model_validate(config)
     prefill = None
-    if config.prefill.replicas > 0 or config.prefill.autoscaling is not None:
+    if config.has_prefill:
         prefill = PrefillServer.options(
             request_router_config=RequestRouterConfig(
                 request_router_class="glmserve.cluster.routers:PrefixAffinityRouter",
@@ -157,7 +169,8 @@ def build_app(config: ServingConfig) -> serve.Application:
             request_router_class="glmserve.cluster.routers:LeastLoadedRouter",
             request_routing_stats_period_s=1,
         ),
-        **_options(config.decode),
+        # a tensor/expert-parallel replica's GPUs are its ranks' (one each), not its own
+        **_options(config.decode, num_gpus=0 if parallel_config(config.engine) else None),
     ).bind(config, prefill)
 
 

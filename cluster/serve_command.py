@@ -21,6 +21,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--served-model-name")
     parser.add_argument("--num-speculative-tokens", type=int)
+    parser.add_argument("--tensor-parallel-size", type=int, help="ranks per decode replica that split attention")
+    parser.add_argument("--expert-parallel-size", type=int, help="ranks per decode replica that split the experts")
 
 
 def config_from_args(args: argparse.Namespace) -> ServingConfig:
@@ -29,6 +31,8 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         ("engine", "model"): args.model,
         ("engine", "device"): args.device,
         ("engine", "num_speculative_tokens"): args.num_speculative_tokens,
+        ("engine", "tensor_parallel_size"): args.tensor_parallel_size,
+        ("engine", "expert_parallel_size"): args.expert_parallel_size,
         ("prefill", "replicas"): args.prefill_replicas,
         ("decode", "replicas"): args.decode_replicas,
         ("host",): args.host,

@@ -27,7 +27,7 @@ class RoleConfig(BaseModel):
 
     replicas: int = Field(1, ge=0)
     num_cpus: float = Field(1, gt=0)
-    num_gpus: float = Field(0, ge=0)
+    num_gpus: float = Field(0, ge=0)  # tensor/expert-parallel decode: > 0 gives each rank one GPU (the replica none)
     max_ongoing_requests: int = Field(256, gt=0)
     autoscaling: Autoscaling | None = None
 
@@ -61,6 +61,22 @@ class ServingConfig(BaseModel):
         if self.decode.replicas < 1 and not (self.decode.autoscaling and self.decode.autoscaling.min_replicas >= 1):
             raise ValueError("decode.replicas must be >= 1: decode workers orchestrate every request")
         return self
+
+    @model_validator(mode="after")
+    def _parallel_is_colocated(self) -> "ServingConfig":
+        # KV transfers land in one engine's pools, and prefill workers run one process each: not yet split ones
+        engine = self.engine
+        if engine.tensor_parallel_size * engine.expert_parallel_size > 1 and self.has_prefill:
+            raise ValueError(
+                "engine.tensor_parallel_size / engine.expert_parallel_size > 1 needs colocated serving "
+                "(prefill.replicas: 0 or --prefill-replicas 0, and no prefill.autoscaling): disaggregated prefill to "
+                "a tensor/expert-parallel decode replica is not supported yet"
+            )
+        return self
+
+    @property
+    def has_prefill(self) -> bool:
+        return self.prefill.replicas > 0 or self.prefill.autoscaling is not None
 
     @property
     def model_name(self) -> str:
