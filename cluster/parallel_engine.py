@@ -44,15 +44,22 @@ class ParallelEngine:
         if parallel is None:
             raise ValueError("ParallelEngine needs tensor_parallel_size or expert_parallel_size > 1")
         self.group = RankGroup(EngineRank, parallel, use_gpu, timeout_s, args)
-        info = ray.get(self.group.ranks[0].info.remote(), timeout=timeout_s)
+        try:
+            info = ray.get(self.group.ranks[0].info.remote(), timeout=timeout_s)
+            self.tokenizer = Tokenizer.from_pretrained(args.model or default_checkpoint())
+        except BaseException:
+            self.group.shutdown()
+            raise
         self.config, self.max_model_len = info["config"], info["max_model_len"]
-        self.tokenizer = Tokenizer.from_pretrained(args.model or default_checkpoint())
         self._commands: list[Command] = []
         self._running: set[str] = set()
         # Seeds for requests without one: each rank would otherwise sample them from its own default generator,
         # and random sampling must draw the same tokens on every rank.
         self._seeds = random.Random(args.seed)
         self._last: RankStep = self.group.call("report")[0]
+        log.info(
+            "decode engine ready on %d ranks (%s), max_model_len %d", parallel.world_size, parallel, self.max_model_len
+        )
 
     @property
     def has_work(self) -> bool:
