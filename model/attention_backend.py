@@ -214,7 +214,10 @@ class TritonAttention:
                         *args, batch.max_context, tiles=(chunk.tile_start, chunk.tile_end)
                     )
             with self.stage("topk"):
-                picks[rows] = topk_kernels.topk_causal_logits(logits, topk)
+                if per_query:
+                    picks[rows] = topk_kernels.topk_causal_logits_few_rows(logits, batch.query_pos[rows], topk)
+                else:
+                    picks[rows] = topk_kernels.topk_causal_logits(logits, topk)
         return TopkPicks(picks, batch.last_query)
 
     @staticmethod

@@ -12,6 +12,8 @@ from .rope import apply_rope
 
 
 class Indexer(nn.Module):
+    rope = staticmethod(apply_rope)  # the fused runner swaps in the one-kernel version
+
     def __init__(self, config: GlmConfig):
         super().__init__()
         self.n_heads = config.index_n_heads
@@ -24,19 +26,15 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
 
-    def _rope_first_dims(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # Unlike MLA, the indexer ropes the FIRST rope_dim dims of its heads.
-        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
-        return torch.cat((apply_rope(rot, cos, sin, self.interleave), rest), dim=-1)
-
     def queries(self, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[..., n_heads, head_dim] from q_resid = q_a_layernorm(q_a_proj(x)); cos/sin shaped [..., rope_dim/2]."""
         q = self.wq_b(q_resid).unflatten(-1, (self.n_heads, self.head_dim))
-        return self._rope_first_dims(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        # Unlike MLA, the indexer ropes the FIRST rope_dim dims of its heads.
+        return self.rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave, self.rope_dim)
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One key per token, [..., head_dim]: what the indexer-key cache stores."""
-        return self._rope_first_dims(self.k_norm(self.wk(x)), cos, sin)
+        return self.rope(self.k_norm(self.wk(x)), cos, sin, self.interleave, self.rope_dim)
 
     def head_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Per-query head weights [..., n_heads] in fp32, with the n_heads^-0.5 scale folded in."""

@@ -27,6 +27,8 @@ class MLAProjections:
 
 
 class MLA(nn.Module):
+    rope = staticmethod(apply_rope)  # the fused runner swaps in the one-kernel version
+
     def __init__(self, config: GlmConfig, has_indexer: bool):
         super().__init__()
         self.n_heads = config.num_attention_heads
@@ -54,9 +56,9 @@ class MLA(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return MLAProjections(
             q_nope=q_nope,
-            q_rope=apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave),
+            q_rope=self.rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave),
             latent=self.kv_a_layernorm(latent),
-            k_rope=apply_rope(k_rope, cos, sin, self.interleave),
+            k_rope=self.rope(k_rope, cos, sin, self.interleave),
             q_resid=q_resid,
         )
 

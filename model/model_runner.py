@@ -28,8 +28,10 @@ from .attention_backend import (
     no_stage,
 )
 from .glm import DecoderLayer, GlmForCausalLM
+from .indexer import Indexer
 from .kv_cache import PagedKVCache
-from .moe import MoE
+from .mla import MLA
+from .moe import MoE, Router
 from .norm import RMSNorm
 
 log = logging.getLogger(__name__)
@@ -149,13 +151,21 @@ def _pack_layer(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
     return gate_up, down
 
 
-def fuse_rms_norms(model: nn.Module) -> None:
-    """Run every RMSNorm of the model as one Triton kernel (same math, one launch instead of eight)."""
-    from .kernels import rms_norm
+def fuse_elementwise(model: nn.Module) -> None:
+    """Run the model's chains of small elementwise launches as one Triton kernel each, same math: every RMSNorm,
+    every rotary embedding, and the routers' selection (one group). At decode batch sizes a step's cost is its
+    launches; these were about half of them."""
+    from .kernels import rms_norm, rope, router
 
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.forward = lambda x, m=module: rms_norm.rms_norm_triton(x, m.weight, m.eps)
+        elif isinstance(module, MLA | Indexer):
+            module.rope = rope.rope_triton
+        elif isinstance(module, Router) and module.n_group == 1:
+            module.route = lambda logits, m=module: router.route_triton(
+                logits, m.e_score_correction_bias, m.top_k, m.norm_topk_prob, m.scaling
+            )
 
 
 class ModelRunner:
@@ -191,8 +201,8 @@ class ModelRunner:
             from .kernels import moe as moe_kernels  # Triton loads with the fused path only
 
             self.moe_kernels = moe_kernels
-        if self.fused and self.device.type == "cuda":
-            fuse_rms_norms(model)
+        if self.fused:
+            fuse_elementwise(model)
         self.topk_layers = topk_layers if topk_layers is not None else {
             i for i, layer in enumerate(model.model.layers) if layer.self_attn.indexer is not None
         }  # fmt: skip

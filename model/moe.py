@@ -22,7 +22,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, hidden] -> (expert ids [N, top_k], fp32 weights [N, top_k])."""
-        scores = (x.float() @ self.weight.float().t()).sigmoid()
+        return self.route(x.float() @ self.weight.float().t())
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits [N, E] -> the routing (the fused runner swaps in one kernel where n_group is 1)."""
+        scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:
             grouped = choice.unflatten(-1, (self.n_group, -1))

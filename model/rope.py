@@ -13,12 +13,18 @@ def rope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate the last dim of x. cos/sin broadcast against x[..., : dim // 2].
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool, rotary_dim: int | None = None
+) -> torch.Tensor:
+    """Rotate the first `rotary_dim` dims (default: all) of x's last dim; the rest pass through unchanged. cos/sin
+    broadcast against x[..., : rotary_dim // 2].
 
     Interleaved pairs are (x0, x1), (x2, x3), ...; the result is written de-interleaved (rotated evens, then rotated
     odds), as transformers does. That permutes q and k the same way, so their dot product is unchanged.
     """
+    if rotary_dim is not None and rotary_dim < x.shape[-1]:
+        rot, rest = x.split([rotary_dim, x.shape[-1] - rotary_dim], dim=-1)
+        return torch.cat((apply_rope(rot, cos, sin, interleave), rest), dim=-1)
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:

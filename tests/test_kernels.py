@@ -8,7 +8,7 @@ block tables, several sequences of different lengths, positions on block boundar
 import pytest
 import torch
 
-from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, rms_norm, topk
+from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, rms_norm, rope, router, topk
 from glmserve.model.kernels.paged import gather_rows, query_tiles
 
 CUDA = torch.cuda.is_available()
@@ -195,6 +195,11 @@ def test_topk_causal_logits_ties_go_to_lower_positions():
     expected = torch.where(scores.gather(1, expected) > float("-inf"), expected, -1)
     assert torch.equal(topk.topk_causal_logits(scores, 32), expected.to(torch.int32))
     assert topk.topk_causal_logits(scores[:, :20], 32)[:, 20:].eq(-1).all()
+    # The decode path's radix select: the same positions (in position order), -0.0 equal to 0.0.
+    scores[0, :5] = -0.0
+    expected = torch.where(scores.gather(1, cpu_rule(scores, 32)) > float("-inf"), cpu_rule(scores, 32), -1)
+    few = topk.topk_causal_logits_few_rows(scores, query_pos.int(), 32)
+    assert torch.equal(few.sort(dim=-1).values, expected.int().sort(dim=-1).values)
 
 
 def test_indexer_topk_chunks_match_one_pass():
@@ -376,6 +381,81 @@ def test_rms_norm_interpreter(dtype):
     assert three_d.shape == (7, 2, 40)
 
 
+# ----------------------------------------------------------------------------------------------- RoPE, router
+
+
+def rope_cases(dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int | None]]:
+    """(x, cos, sin, interleave, rotary_dim) as the model passes them: a strided per-head slice of q, a strided
+    slice of one key per token, and the indexer's heads whose first dims rotate; 1 and 13 tokens."""
+    from glmserve.model.rope import rope_cos_sin
+
+    cases = []
+    for tokens in (1, 13):
+        positions = torch.randint(0, 5000, (tokens,), device=DEVICE)
+        cos, sin = rope_cos_sin(positions, 32, 10000.0, dtype)
+        q = torch.randn(tokens, 5, 64 + 32, device=DEVICE, dtype=dtype)[..., 64:]  # q_rope of q [T, H, nope+rope]
+        kv = torch.randn(tokens, 48 + 32, device=DEVICE, dtype=dtype)[:, 48:]  # k_rope of kv_a's output
+        index_q = torch.randn(tokens, 3, 64, device=DEVICE, dtype=dtype)
+        for interleave in (True, False):
+            cases.append((q, cos.unsqueeze(-2), sin.unsqueeze(-2), interleave, None))
+            cases.append((kv, cos, sin, interleave, None))
+            cases.append((index_q, cos.unsqueeze(-2), sin.unsqueeze(-2), interleave, 32))
+    return cases
+
+
+def check_rope(dtype: torch.dtype) -> None:
+    from glmserve.model.rope import apply_rope
+
+    for x, cos, sin, interleave, rotary_dim in rope_cases(dtype):
+        got = rope.rope_triton(x, cos, sin, interleave, rotary_dim)
+        ref = apply_rope(x, cos, sin, interleave, rotary_dim)
+        assert got.is_contiguous() and got.dtype == ref.dtype
+        # torch rounds each product before the sum, the kernel only the result: at most a last-bit difference
+        assert relative_error(got, ref) < 2 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_interpreter(dtype):
+    check_rope(dtype)
+
+
+def test_rope_other_shapes_take_the_torch_definition():
+    from glmserve.model.rope import apply_rope, rope_cos_sin
+
+    cos, sin = rope_cos_sin(torch.arange(6, device=DEVICE), 16, 10000.0, torch.float32)
+    x = torch.randn(2, 6, 3, 16, device=DEVICE)  # the batched reference forward's [B, T, H, D]
+    assert torch.equal(rope.rope_triton(x, cos.unsqueeze(-2), sin.unsqueeze(-2), True), apply_rope(
+        x, cos.unsqueeze(-2), sin.unsqueeze(-2), True))  # fmt: skip
+
+
+def check_router(num_rows: int, num_experts: int, top_k: int, normalize: bool) -> None:
+    from types import SimpleNamespace
+
+    from glmserve.model.moe import Router
+
+    config = SimpleNamespace(
+        n_routed_experts=num_experts, num_experts_per_tok=top_k, n_group=1, topk_group=1, norm_topk_prob=normalize,
+        routed_scaling_factor=2.5, hidden_size=8,
+    )  # fmt: skip
+    gate = Router(config).to(DEVICE)
+    with torch.no_grad():
+        gate.e_score_correction_bias.copy_(torch.randn(num_experts) * 0.1)
+    logits = torch.randn(num_rows, num_experts, device=DEVICE) * 3
+    logits[0, :4] = logits[0, 4]  # a tie inside the top k
+    ids, weights = router.route_triton(logits, gate.e_score_correction_bias, top_k, normalize, gate.scaling)
+    ref_ids, ref_weights = gate.route(logits)
+    assert ids.dtype == ref_ids.dtype and ids.shape == ref_ids.shape
+    # same experts with the same weights (torch.topk may order and break exact ties differently)
+    got = torch.zeros(num_rows, num_experts, device=DEVICE).scatter_(1, ids, weights)
+    want = torch.zeros(num_rows, num_experts, device=DEVICE).scatter_(1, ref_ids, ref_weights)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("num_experts", "top_k", "normalize"), [(16, 4, True), (24, 3, False), (256, 8, True)])
+def test_router_interpreter(num_experts, top_k, normalize):
+    check_router(37, num_experts, top_k, normalize)
+
+
 # ----------------------------------------------------------------------------------------------- GPU (bf16, fp8)
 
 
@@ -405,6 +485,13 @@ def test_rms_norm_bf16_gpu():
     norm = RMSNorm(6144).to(DEVICE, torch.bfloat16)
     x = torch.randn(33, 6144, device=DEVICE, dtype=torch.bfloat16)
     assert relative_error(rms_norm.rms_norm_triton(x, norm.weight, norm.eps), norm(x)) < 5e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_rope_and_router_gpu():
+    check_rope(torch.bfloat16)
+    check_router(300, 256, 8, True)
 
 
 @gpu

@@ -5,9 +5,9 @@ histogram of the keys that still match the prefix found so far); one last pass w
 above that threshold and as many keys equal to it as k needs. Rows with at most k causal keys take them all.
 Output: int32 [S, k] positions, in no particular order, -1 after the selected ones.
 
-Status: correct (matches torch.topk's set) but slower than torch.topk on the H200, so `topk_positions` uses torch.
-Each row is one program making five passes over the row with unpipelined loads; splitting long rows over several
-programs and compacting candidates after the first pass are the next steps.
+Where it pays: decode and MTP verification, a few rows of at most `RADIX_MAX_WIDTH` keys, where torch.topk sorts
+each row (tens of microseconds per call) and this kernel's five passes take a few. On long prefill rows it is slower
+than torch.topk on the H200 (one program per row, unpipelined loads), so prefill keeps torch.
 """
 
 import torch
@@ -15,14 +15,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-TOPK_BLOCK = 2048
+TOPK_BLOCK = 4096
 TOPK_NUM_WARPS = 8
+# Widest indexer-logits row (keys) the decode path selects from with the radix kernel; wider rows take torch.topk.
+RADIX_MAX_WIDTH = 32768
 
 
 @triton.jit
 def _ordered_key(x):
-    """int32 keys whose signed order is the float order: flip the magnitude bits of negative floats."""
-    bits = x.to(tl.int32, bitcast=True)
+    """int32 keys whose signed order is the float order: flip the magnitude bits of negative floats. -0.0 is
+    read as 0.0 (torch.topk holds them equal)."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
@@ -149,6 +152,15 @@ def topk_causal_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
     index, values = index.gather(-1, by_score)[:, :k], values[:, :k]
     picks = torch.where(values > float("-inf"), index, -1).to(torch.int32)
     return F.pad(picks, (0, k - picks.shape[-1]), value=-1) if picks.shape[-1] < k else picks
+
+
+def topk_causal_logits_few_rows(logits: torch.Tensor, query_pos: torch.Tensor, k: int) -> torch.Tensor:
+    """`topk_causal_logits` for steps of a few queries per sequence (decode, MTP verification): the radix kernel on
+    rows of at most RADIX_MAX_WIDTH keys, reading only each query's causal keys. The same positions are chosen
+    (lower position wins among equal scores), in position order rather than best first."""
+    if logits.shape[-1] > RADIX_MAX_WIDTH:
+        return topk_causal_logits(logits, k)
+    return topk_positions_triton(logits, query_pos, k)
 
 
 def topk_positions(scores: torch.Tensor, query_pos: torch.Tensor, k: int) -> torch.Tensor:
