@@ -7,6 +7,7 @@ and values over a whole sequence with a boolean mask; the engine's paged paths a
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import GlmConfig
@@ -28,6 +29,9 @@ class MLAProjections:
 
 class MLA(nn.Module):
     rope = staticmethod(apply_rope)  # the fused runner swaps in the one-kernel version
+    # [q_lora + kv_lora + rope, hidden]: q_a_proj's and kv_a_proj_with_mqa's weights packed for one GEMM (their
+    # weights are views of it), set by the fused runner
+    a_proj: torch.Tensor | None = None
 
     def __init__(self, config: GlmConfig, has_indexer: bool):
         super().__init__()
@@ -50,10 +54,16 @@ class MLA(nn.Module):
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> MLAProjections:
         """x [..., hidden]; cos/sin [..., rope_dim / 2] for each token's position."""
-        q_resid = self.q_a_layernorm(self.q_a_proj(x))
+        if self.a_proj is None:
+            q_a, kv_a = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+        else:
+            q_a, kv_a = F.linear(x, self.a_proj).split(
+                [self.q_a_proj.out_features, self.kv_lora_rank + self.rope_dim], dim=-1
+            )
+        q_resid = self.q_a_layernorm(q_a)
         q = self.q_b_proj(q_resid).unflatten(-1, (self.n_heads, self.nope_dim + self.rope_dim))
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return MLAProjections(
             q_nope=q_nope,
             q_rope=self.rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave),

@@ -31,6 +31,7 @@ from .glm import DecoderLayer, GlmForCausalLM
 from .indexer import Indexer
 from .kv_cache import PagedKVCache
 from .mla import MLA
+from .mlp import MLP
 from .moe import MoE, Router
 from .norm import RMSNorm
 
@@ -151,6 +152,32 @@ def _pack_layer(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
     return gate_up, down
 
 
+def pack_linears(linears: list[nn.Linear]) -> torch.Tensor | None:
+    """One [sum of out_features, in_features] weight for bias-free Linears of the same input, each Linear's weight
+    pointed at its rows (the weights exist once); None where a bias or a subclass (a parallel layer) forbids it."""
+    if any(type(lin) is not nn.Linear or lin.bias is not None for lin in linears):
+        return None
+    with torch.no_grad():
+        packed = torch.cat([lin.weight for lin in linears])
+        begin = 0
+        for lin in linears:
+            lin.weight = nn.Parameter(packed[begin : begin + lin.out_features], requires_grad=False)
+            begin += lin.out_features
+    return packed
+
+
+def pack_input_projections(model: GlmForCausalLM) -> None:
+    """GEMMs that read the same input, as one: MLA's two down-projections, and gate and up of every dense MLP and
+    shared expert (routed experts are packed by `pack_experts`). At decode batch sizes each GEMM is a launch of a
+    few microseconds whatever its size."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.a_proj = pack_linears([attn.q_a_proj, attn.kv_a_proj_with_mqa])
+        mlp = layer.mlp.shared_experts if isinstance(layer.mlp, MoE) else layer.mlp
+        if isinstance(mlp, MLP):
+            mlp.gate_up = pack_linears([mlp.gate_proj, mlp.up_proj])
+
+
 def fuse_elementwise(model: nn.Module) -> None:
     """Run the model's chains of small elementwise launches as one Triton kernel each, same math: every RMSNorm,
     every rotary embedding, and the routers' selection (one group). At decode batch sizes a step's cost is its
@@ -203,6 +230,7 @@ class ModelRunner:
             self.moe_kernels = moe_kernels
         if self.fused:
             fuse_elementwise(model)
+            pack_input_projections(model)
         self.topk_layers = topk_layers if topk_layers is not None else {
             i for i, layer in enumerate(model.model.layers) if layer.self_attn.indexer is not None
         }  # fmt: skip
