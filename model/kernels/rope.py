@@ -13,7 +13,7 @@ import triton.language as tl
 from glmserve.model.rope import apply_rope
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every batch size
 def _rope_kernel(
     x_ptr,
     cos_ptr,

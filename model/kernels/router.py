@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compile for every batch size
 def _route_kernel(
     logits_ptr,
     bias_ptr,
