@@ -17,7 +17,9 @@ from .llm import LLM
 
 log = logging.getLogger(__name__)
 KV_BUDGET = 1 << 30
-_MAX_WARMUPS = 4
+# Adaptive K meets the graphs of its small batch sizes over several passes (the tail of a pass, where requests
+# finish, differs from pass to pass): on the H200 the fifth pass was the first to capture nothing.
+_MAX_WARMUPS = 12
 
 
 def _num_graphs(llm: LLM) -> int:
