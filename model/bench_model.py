@@ -21,9 +21,7 @@ step, CUDA graphs, greedy argmax and a host sync per step); blocks are handed ou
 import argparse
 import contextlib
 import gc
-import json
 import logging
-import platform
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
@@ -31,14 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import triton
 
 from glmserve.model.attention_backend import IndexChunk, PagedBatch, TritonAttention, index_chunk_plan, no_stage
 from glmserve.model.config import GlmConfig
 from glmserve.model.glm import GlmForCausalLM
 from glmserve.model.kernels import indexer as indexer_kernels
 from glmserve.model.kernels import paged_mla, topk
-from glmserve.model.kernels.bench import Row, Timer, bench_ceilings, dense_sdpa_ms, paged_pool, render_table
+from glmserve.model.kernels.bench import BenchReport, Row, Timer, bench_ceilings, dense_sdpa_ms, paged_pool
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache
 from glmserve.model.model_runner import ModelRunner, SeqChunk
 from glmserve.model.size import model_size
@@ -589,43 +586,20 @@ def run_model_bench(
         long_context = min(long_context, 65536)
     torch.manual_seed(0)
     timer = Timer()
-    rows: list[Row] = []
-    report: dict = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": f"glmserve bench model --out {out_json}" + (" --quick" if quick else "")
+    report = BenchReport(
+        out_json,
+        f"glmserve bench model --output-json {out_json}" + (" --quick" if quick else "")
         + f" --sections {' '.join(sections)} --long-context {long_context}",
-        "errors": {},
-    }  # fmt: skip
-
-    def write() -> None:
-        report["rows"] = [asdict(r) | {"speedup": r.speedup} for r in rows]
-        Path(out_json).write_text(json.dumps(report, indent=2, default=str))
-
-    report["ceilings"] = ceilings = bench_ceilings(timer, rows)
+    )  # fmt: skip
+    rows = report.rows
+    ceilings = report.data["ceilings"] = bench_ceilings(timer, rows)
     runs = {
         "small": lambda: bench_small(rows, ceilings, quick),
         "large": lambda: bench_large(rows, ceilings, quick, long_context),
         "attention": lambda: bench_attention(rows, timer, quick),
     }
-    for name in sections:
-        started = time.perf_counter()
-        log.info("bench %s ...", name)
-        try:
-            report[name] = runs[name]()
-        except Exception as exc:  # keep the other sections' numbers
-            log.exception("section %s failed", name)
-            report["errors"][name] = repr(exc)[:1000]
-        gc.collect()
-        torch.cuda.empty_cache()
-        report.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
-        write()
-    report["table"] = render_table(rows)
-    write()
-    return report
+    report.run_sections([(name, runs[name]) for name in sections])
+    return report.finish()
 
 
 def main() -> None:

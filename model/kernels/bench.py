@@ -10,6 +10,7 @@ chunk say so in their note. Times are medians of CUDA-event timings with the L2 
 """
 
 import argparse
+import gc
 import json
 import logging
 import platform
@@ -439,55 +440,70 @@ def render_table(rows: list[Row]) -> str:
         return "\n".join(text)
 
 
+class BenchReport:
+    """A benchmark's JSON report (environment, rows, section results, errors, section times), rewritten after each
+    section so that a crash keeps what was measured before it."""
+
+    def __init__(self, out_json: str | Path, command: str):
+        self.path = Path(out_json)
+        self.rows: list[Row] = []
+        self.data: dict = {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": command,
+            "errors": {},
+        }
+
+    def write(self) -> None:
+        self.data["rows"] = [asdict(r) | {"speedup": r.speedup} for r in self.rows]
+        self.path.write_text(json.dumps(self.data, indent=2, default=str))
+
+    def run_sections(self, sections: list[tuple[str, Callable[[], object]]]) -> None:
+        """Run each section; what one returns (if not None) is kept under its name, and one that fails is recorded
+        and skipped."""
+        for name, section in sections:
+            started = time.perf_counter()
+            log.info("bench %s ...", name)
+            try:
+                result = section()
+                if result is not None:
+                    self.data[name] = result
+            except Exception as exc:  # keep the other sections' numbers
+                log.exception("section %s failed", name)
+                self.data["errors"][name] = repr(exc)[:1000]
+            gc.collect()
+            torch.cuda.empty_cache()
+            self.data.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
+            self.write()
+
+    def finish(self) -> dict:
+        """Print the table and write the final report."""
+        self.data["table"] = render_table(self.rows)
+        self.write()
+        return self.data
+
+
 def run_kernel_bench(out_json: str | Path, mla_contexts: list[int] | None = None) -> dict:
     """Run every section (a failing one is recorded and skipped), print the table, write JSON to `out_json`."""
     assert torch.cuda.is_available(), "the kernel benchmark needs a CUDA device"
     mla_contexts = mla_contexts or [8192, 32768, 131072, 524288]
     torch.manual_seed(0)
     timer = Timer()
-    rows: list[Row] = []
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "python -m glmserve.model.kernels.bench --out " + str(out_json),
-        "errors": {},
-    }
-
-    def write() -> None:
-        report["rows"] = [asdict(r) | {"speedup": r.speedup} for r in rows]
-        Path(out_json).write_text(json.dumps(report, indent=2))
-
-    ceilings = bench_ceilings(timer, rows)
-    report["ceilings"] = ceilings
-    indexer_out = None
-    sections = [
-        ("indexer", lambda: bench_indexer(timer, rows, ceilings)),
-        ("topk", lambda: bench_topk(timer, rows, indexer_out, ceilings)),
+    report = BenchReport(out_json, "python -m glmserve.model.kernels.bench --out " + str(out_json))
+    rows = report.rows
+    ceilings = report.data["ceilings"] = bench_ceilings(timer, rows)
+    indexer_out: dict = {}  # the indexer section's logits (512 MiB): the top-k section selects from them, then drops
+    report.run_sections([
+        ("indexer", lambda: indexer_out.update(result=bench_indexer(timer, rows, ceilings))),
+        ("topk", lambda: bench_topk(timer, rows, indexer_out.pop("result", None), ceilings)),
         ("mla_prefill", lambda: bench_mla_prefill(timer, rows, mla_contexts)),
         ("mla_decode", lambda: bench_mla_decode(timer, rows, ceilings)),
         ("moe", lambda: bench_moe(timer, rows, ceilings)),
-    ]
-    for name, section in sections:
-        started = time.perf_counter()
-        log.info("bench %s ...", name)
-        try:
-            result = section()
-            if name == "indexer":
-                indexer_out = result
-        except Exception as exc:  # keep the other sections' numbers
-            log.exception("section %s failed", name)
-            report["errors"][name] = repr(exc)[:500]
-        if name == "topk":
-            indexer_out = None  # 512 MiB of logits no longer needed
-        torch.cuda.empty_cache()
-        report.setdefault("section_seconds", {})[name] = round(time.perf_counter() - started, 1)
-        write()
-    report["table"] = render_table(rows)
-    write()
-    return report
+    ])  # fmt: skip
+    return report.finish()
 
 
 def main() -> None:

@@ -69,6 +69,16 @@ def route_pairs(topk_ids: torch.Tensor) -> ExpertRouting:
 
 
 @triton.jit
+def _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, n_limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile: its expert (-1: an empty tile), its rows of the expert-sorted pairs and its columns."""
+    tile = tl.program_id(0)
+    offs_m = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < tl.load(tile_row_end_ptr + tile)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.load(tile_expert_ptr + tile), offs_m, m_mask, offs_n, offs_n < n_limit
+
+
+@triton.jit
 def _gate_up_silu_kernel(
     x_ptr,
     w_ptr,
@@ -88,15 +98,11 @@ def _gate_up_silu_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
+    expert, offs_m, m_mask, offs_n, n_mask = _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, inter,
+                                                   BLOCK_M, BLOCK_N)  # fmt: skip
     if expert < 0:
         return
-    offs_m = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(tile_row_end_ptr + tile)
     token = tl.load(row_token_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < inter
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + token[:, None] * stride_xn + offs_k[None, :]
     gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
@@ -135,14 +141,10 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
+    expert, offs_m, m_mask, offs_n, n_mask = _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, hidden,
+                                                   BLOCK_M, BLOCK_N)  # fmt: skip
     if expert < 0:
         return
-    offs_m = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(tile_row_end_ptr + tile)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + offs_m.to(tl.int64)[:, None] * stride_an + offs_k[None, :]
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]

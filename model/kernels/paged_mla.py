@@ -5,9 +5,9 @@ q [S, H, Dv + Dr] is already absorbed (nope part times W_UK, then the roped part
 o = softmax(q . row * scale) @ row[:Dv] over the selected rows; lse is the natural log-sum-exp of the scaled scores.
 Queries with no key get o = 0 and lse = -inf.
 
-Two kernels share one inner loop. Prefill: a program per (query, head block) walks all of that query's keys.
-Decode: a program per (query, key split) holds all heads, so each gathered row is loaded once for every head; the
-splits fill the GPU when there are few queries and a small kernel merges them by their log-sum-exp.
+One kernel, two launch shapes. Prefill: a program per (query, head block) walks all of that query's keys. Decode:
+a program per (query, key split) holds all heads, so each gathered row is loaded once for every head; the splits
+fill the GPU when there are few queries and a small kernel merges them by their log-sum-exp.
 """
 
 import math
@@ -100,7 +100,7 @@ def _load_query(q_ptr, s, offs_h, h_mask, stride_qs, stride_qh, D_V: tl.constexp
 
 
 @triton.jit
-def _mla_prefill_kernel(
+def _mla_kernel(
     q_ptr,
     latent_ptr,
     block_tables_ptr,
@@ -119,59 +119,6 @@ def _mla_prefill_kernel(
     stride_oh,
     num_heads,
     num_topk,
-    qk_scale,
-    D_V: tl.constexpr,
-    D_R: tl.constexpr,
-    KV_BLOCK: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DENSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    s = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = offs_h < num_heads
-    q_nope, q_rope = _load_query(q_ptr, s, offs_h, h_mask, stride_qs, stride_qh, D_V, D_R)
-    seq = tl.load(query_seq_ptr + s).to(tl.int64)
-    if DENSE:
-        n_end = tl.load(query_pos_ptr + s) + 1
-    else:
-        n_end = num_topk
-
-    acc = tl.zeros([BLOCK_H, D_V], dtype=tl.float32)
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc, m_i, l_i = _attend_keys(
-        acc, m_i, l_i, q_nope, q_rope, latent_ptr, block_tables_ptr + seq * stride_bt, topk_ptr + s * stride_ts,
-        0, n_end, qk_scale, stride_lb, stride_lt, D_V, D_R, KV_BLOCK, BLOCK_N, DENSE, DOT_PRECISION,
-    )  # fmt: skip
-
-    has_keys = l_i > 0.0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    o_ptrs = o_ptr + s * stride_os + offs_h[:, None] * stride_oh + tl.arange(0, D_V)[None, :]
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(lse_ptr + s * num_heads + offs_h, lse, mask=h_mask)
-
-
-@triton.jit
-def _mla_decode_split_kernel(
-    q_ptr,
-    latent_ptr,
-    block_tables_ptr,
-    query_seq_ptr,
-    query_pos_ptr,
-    topk_ptr,
-    o_part_ptr,
-    lse_part_ptr,
-    stride_qs,
-    stride_qh,
-    stride_lb,
-    stride_lt,
-    stride_bt,
-    stride_ts,
-    num_heads,
-    num_topk,
     num_splits,
     qk_scale,
     D_V: tl.constexpr,
@@ -180,11 +127,13 @@ def _mla_decode_split_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DENSE: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """A program per (query, head block), or with SPLIT per (query, head block, key split): then o_ptr/lse_ptr are
+    the fp32 partials [S, splits, H, D_V] / [S, splits, H] (lse in log2 units) that `_mla_combine_kernel` merges."""
     s = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    split = tl.program_id(2)
     h_mask = offs_h < num_heads
     q_nope, q_rope = _load_query(q_ptr, s, offs_h, h_mask, stride_qs, stride_qh, D_V, D_R)
     seq = tl.load(query_seq_ptr + s).to(tl.int64)
@@ -192,9 +141,14 @@ def _mla_decode_split_kernel(
         n_total = tl.load(query_pos_ptr + s) + 1
     else:
         n_total = num_topk
-    per_split = tl.cdiv(tl.cdiv(n_total, num_splits), BLOCK_N) * BLOCK_N
-    n_begin = split * per_split
-    n_end = tl.minimum(n_begin + per_split, n_total)
+    if SPLIT:
+        split = tl.program_id(2)
+        per_split = tl.cdiv(tl.cdiv(n_total, num_splits), BLOCK_N) * BLOCK_N
+        n_begin = split * per_split
+        n_end = tl.minimum(n_begin + per_split, n_total)
+    else:
+        n_begin = 0
+        n_end = n_total
 
     acc = tl.zeros([BLOCK_H, D_V], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
@@ -206,10 +160,15 @@ def _mla_decode_split_kernel(
 
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    part = (s * num_splits + split) * num_heads + offs_h  # partials laid out [S, splits, H, D_V]
-    tl.store(o_part_ptr + part[:, None] * D_V + tl.arange(0, D_V)[None, :], o, mask=h_mask[:, None])
     lse2 = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    tl.store(lse_part_ptr + part, lse2, mask=h_mask)
+    if SPLIT:
+        part = (s * num_splits + split) * num_heads + offs_h
+        tl.store(o_ptr + part[:, None] * D_V + tl.arange(0, D_V)[None, :], o, mask=h_mask[:, None])
+        tl.store(lse_ptr + part, lse2, mask=h_mask)
+    else:
+        o_ptrs = o_ptr + s * stride_os + offs_h[:, None] * stride_oh + tl.arange(0, D_V)[None, :]
+        tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
+        tl.store(lse_ptr + s * num_heads + offs_h, lse2 / 1.4426950408889634, mask=h_mask)
 
 
 @triton.jit
@@ -286,13 +245,14 @@ def mla_prefill_triton(
     topk = query_pos if dense else topk_idx  # any int32 tensor: the dense kernel never reads it
     block_h = min(launch.block_h, max(16, triton.next_power_of_2(num_heads)))
     grid = (num_queries, triton.cdiv(num_heads, block_h))
-    _mla_prefill_kernel[grid](
+    _mla_kernel[grid](
         q, latent, block_tables, query_seq, query_pos, topk, o, lse,
         q.stride(0), q.stride(1), latent.stride(0), latent.stride(1), block_tables.stride(0),
         0 if dense else topk.stride(0), o.stride(0), o.stride(1),
-        num_heads, 0 if dense else topk.shape[1], softmax_scale * LOG2E,
+        num_heads, 0 if dense else topk.shape[1], 1, softmax_scale * LOG2E,
         D_V=value_dim, D_R=rope_dim, KV_BLOCK=latent.shape[1], BLOCK_H=block_h, BLOCK_N=launch.block_n,
-        DENSE=dense, DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps, num_stages=launch.num_stages,
+        DENSE=dense, SPLIT=False, DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )  # fmt: skip
     return o, lse
 
@@ -326,13 +286,14 @@ def mla_decode_triton(
         num_splits = max(1, min(max_splits, math.ceil(2 * _sm_count(q.device) / (num_queries * head_blocks))))
     o_part = torch.empty(num_queries, num_splits, num_heads, value_dim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(num_queries, num_splits, num_heads, dtype=torch.float32, device=q.device)
-    _mla_decode_split_kernel[(num_queries, head_blocks, num_splits)](
+    _mla_kernel[(num_queries, head_blocks, num_splits)](
         q, latent, block_tables, query_seq, query_pos, topk, o_part, lse_part,
         q.stride(0), q.stride(1), latent.stride(0), latent.stride(1), block_tables.stride(0),
-        0 if dense else topk.stride(0),
+        0 if dense else topk.stride(0), 0, 0,
         num_heads, 0 if dense else topk.shape[1], num_splits, softmax_scale * LOG2E,
         D_V=value_dim, D_R=rope_dim, KV_BLOCK=latent.shape[1], BLOCK_H=block_h, BLOCK_N=launch.block_n,
-        DENSE=dense, DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps, num_stages=launch.num_stages,
+        DENSE=dense, SPLIT=True, DOT_PRECISION=dot_precision(q.dtype), num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )  # fmt: skip
     _mla_combine_kernel[(num_queries, num_heads)](
         o_part, lse_part, o, lse, o.stride(0), o.stride(1), num_heads, num_splits,
