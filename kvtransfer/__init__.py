@@ -9,7 +9,7 @@ from .completion import Completion
 from .errors import FailureKind, LeaseExpired, PeerLost, TransferAborted, TransferFailed
 from .layout import KVLayout
 from .receiver import KVReceiver
-from .sender import KVSender, OutgoingTransfer
+from .sender import KVSender, MirroredTransfer, OutgoingTransfer, open_mirrored
 from .stats import ReceiverStats, SenderStats
 
 __all__ = [
@@ -19,10 +19,12 @@ __all__ = [
     "KVReceiver",
     "KVSender",
     "LeaseExpired",
+    "MirroredTransfer",
     "OutgoingTransfer",
     "PeerLost",
     "ReceiverStats",
     "SenderStats",
     "TransferAborted",
     "TransferFailed",
+    "open_mirrored",
 ]

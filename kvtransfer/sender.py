@@ -14,6 +14,10 @@ A background thread renews the leases of transfers that make progress (send_laye
 learns when the receiver gave one up; a transfer idle for a whole lease is no longer renewed, so a hung prefill loses
 its lease even though its process is alive.
 `connect` and `open_transfer` block on one RPC each; call them through `asyncio.to_thread` from async code.
+
+Receivers that each need the whole KV (the ranks of a tensor/expert-parallel decode replica each hold a full copy of
+the latent cache): `open_mirrored(senders, transfer_id)` opens the transfer at every one and returns a
+`MirroredTransfer`, which takes the same calls and repeats them to each.
 """
 
 import logging
@@ -21,7 +25,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
@@ -458,3 +462,78 @@ class KVSender:
             self._stub.Abort(pb.AbortRequest(transfer_id=transfer_id, reason=reason), timeout=self._rpc_timeout_s)
         except grpc.RpcError as e:  # the receiver's lease will expire instead
             log.warning("could not tell the receiver that %s was aborted: %s", transfer_id, e.code())
+
+
+class MirroredTransfer:
+    """One request's KV sent to several receivers that each need all of it, through one `OutgoingTransfer` each:
+    every call goes to all of them. The receiving side needs every copy, so a failure at one aborts the others."""
+
+    def __init__(self, transfers: list[OutgoingTransfer]):
+        self.transfers = transfers
+
+    def read_from_pools(self, block_ids: Sequence[int] | torch.Tensor) -> None:
+        self._each(lambda t: t.read_from_pools(block_ids))
+
+    def send_layer(
+        self, layer: int, latent_rows: torch.Tensor | None = None, index_rows: torch.Tensor | None = None
+    ) -> None:
+        self._each(lambda t: t.send_layer(layer, latent_rows, index_rows))
+
+    def keepalive(self) -> None:
+        self._each(OutgoingTransfer.keepalive)
+
+    def complete(
+        self,
+        first_token: int,
+        logprob: float,
+        top_logprobs: Sequence[tuple[int, float]] = (),
+        hidden: torch.Tensor | None = None,
+    ) -> Future:
+        """Resolves once every receiver accepted the completion; fails with the first failure."""
+        futures = [t.complete(first_token, logprob, top_logprobs, hidden) for t in self.transfers]
+        combined: Future = Future()
+        lock = threading.Lock()
+
+        def settle(_: Future) -> None:
+            with lock:
+                if combined.done():
+                    return
+                error = next((f.exception() for f in futures if f.done() and f.exception() is not None), None)
+                if error is not None:
+                    combined.set_exception(error)
+                elif all(f.done() for f in futures):
+                    combined.set_result(None)
+                else:
+                    return
+            if error is not None:
+                self.abort(f"another receiver of the same KV failed: {error}")
+
+        for future in futures:
+            future.add_done_callback(settle)
+        return combined
+
+    def abort(self, reason: str = "aborted by the sender") -> None:
+        for transfer in self.transfers:
+            transfer.abort(reason)
+
+    def _each(self, call: Callable[[OutgoingTransfer], None]) -> None:
+        try:
+            for transfer in self.transfers:
+                call(transfer)
+        except TransferFailed as e:
+            self.abort(f"another receiver of the same KV failed: {e.reason}")
+            raise
+
+
+def open_mirrored(senders: Sequence[KVSender], transfer_id: str) -> OutgoingTransfer | MirroredTransfer:
+    """Open `transfer_id` at each sender's receiver (one sender: its plain transfer). If one refuses, the transfers
+    already opened are aborted."""
+    transfers: list[OutgoingTransfer] = []
+    try:
+        for sender in senders:
+            transfers.append(sender.open_transfer(transfer_id))
+    except BaseException as e:
+        for transfer in transfers:
+            transfer.abort(f"another receiver of the same KV refused it: {e!r}")
+        raise
+    return transfers[0] if len(transfers) == 1 else MirroredTransfer(transfers)

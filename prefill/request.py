@@ -10,6 +10,8 @@ class PrefillRequest(BaseModel):
     prompt_token_ids: list[int] = Field(min_length=1)
     params: SamplingParams  # for the first token (seeded the same way the decode worker continues)
     receiver_address: str  # the decode worker's KV receiver
+    # more receivers that each want the same KV: the other ranks of a tensor/expert-parallel decode replica
+    mirror_addresses: list[str] = Field(default_factory=list)
     affinity_key: int | None = None  # hash of the prompt's first block: the prefix router's key
 
 

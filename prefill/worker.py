@@ -1,6 +1,7 @@
 """The prefill worker: computes a prompt's KV cache with the same engine the decode workers use, streams each
 layer to the decode worker's blocks as soon as the prompt's last chunk has written it (later layers still
-computing), and hands over the first sampled token and the last hidden state.
+computing), and hands over the first sampled token and the last hidden state. A tensor/expert-parallel decode replica
+gets the same KV at every rank (`PrefillRequest.mirror_addresses`).
 
 Layers are sent straight from the engine's pools (no copy here; `cuda_ipc` lets the decode side read them in
 place), so the sequence's blocks are held past the end of its one-token generation, until the transfer has
@@ -23,7 +24,7 @@ from glmserve.decode.engine import LLMEngine
 from glmserve.decode.engine_args import EngineArgs
 from glmserve.kvtransfer.errors import TransferFailed
 from glmserve.kvtransfer.layout import KVLayout
-from glmserve.kvtransfer.sender import KVSender, OutgoingTransfer
+from glmserve.kvtransfer.sender import KVSender, MirroredTransfer, OutgoingTransfer, open_mirrored
 from glmserve.model.model_runner import StepInputs
 
 from .request import PrefillRequest, PrefillResult
@@ -51,7 +52,7 @@ def transfer_layout(engine: LLMEngine) -> tuple[KVLayout, list[torch.Tensor], di
 
 @dataclass
 class _Outgoing:
-    transfer: OutgoingTransfer
+    transfer: OutgoingTransfer | MirroredTransfer
     prompt_len: int
     hidden: torch.Tensor | None = None
     held_blocks: list[int] | None = None  # the sequence's blocks, held for the transfer to read
@@ -106,11 +107,15 @@ class PrefillWorker:
         if out is not None:
             out.hidden = hidden.detach().clone()
 
+    def _open_transfer(self, request: PrefillRequest) -> OutgoingTransfer | MirroredTransfer:
+        """At the decode worker's receiver, and at each mirror (the other ranks of a parallel decode replica)."""
+        senders = [self._sender(address) for address in (request.receiver_address, *request.mirror_addresses)]
+        return open_mirrored(senders, request.request_id)
+
     # ---- requests ----
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         t0 = time.perf_counter()
-        sender = await asyncio.to_thread(self._sender, request.receiver_address)
-        transfer = await asyncio.to_thread(sender.open_transfer, request.request_id)
+        transfer = await asyncio.to_thread(self._open_transfer, request)
         seq_id = f"{request.request_id}#0"
         self._outgoing[seq_id] = _Outgoing(transfer, len(request.prompt_token_ids))
         params = request.params.model_copy(
