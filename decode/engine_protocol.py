@@ -8,7 +8,7 @@ from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
 
 from .engine import RemotePrefill
-from .outputs import RequestOutput
+from .outputs import Logprob, RequestOutput
 
 
 class Engine(Protocol):
@@ -28,6 +28,12 @@ class Engine(Protocol):
         params: SamplingParams | None = None,
         remote_prefill_min_tokens: int | None = None,
     ) -> RemotePrefill | None: ...
+
+    def complete_remote(
+        self, request_id: str, first_token: int, logprob: dict[int, Logprob] | None
+    ) -> RequestOutput: ...
+
+    def fail_remote(self, request_id: str, recompute: bool) -> None: ...
 
     def abort(self, request_id: str) -> None: ...
 

@@ -1,9 +1,10 @@
 """The decode worker: runs an engine, prefills short prompts itself, and (when prefill workers exist) hands long
 uncached prompts to one of them, receiving their KV cache over the transfer service before decoding.
 
-Decode is the orchestrator: it reserves the blocks, registers a transfer (with a lease) at its KV receiver, asks
-a prefill worker to fill them, and decodes once every layer has landed. A failed transfer (lease expired, prefill
-worker died, aborted) frees the blocks and, by policy, recomputes the prompt here or fails the request.
+Decode is the orchestrator: it reserves the blocks, registers a transfer (with a lease) at its KV receiver (at every
+rank's, for a tensor/expert-parallel replica), asks a prefill worker to fill them, and decodes once every layer has
+landed. A failed transfer (lease expired, prefill worker died, aborted) frees the blocks and, by policy, recomputes
+the prompt here or fails the request.
 
 Plain Python: `cluster/app.py` wraps it as the Ray Serve `DecodeServer` deployment.
 """
@@ -24,6 +25,7 @@ from .async_engine import AsyncEngine
 from .engine import LLMEngine, RemotePrefill
 from .engine_args import EngineArgs
 from .engine_protocol import Engine
+from .kv_destination import KVDestination, LocalReceiver
 from .outputs import Logprob, RequestOutput
 from .request import EngineRequest
 
@@ -47,8 +49,11 @@ class DecodeWorker:
         on_failure: Literal["recompute", "fail"] = "recompute",
         host: str = "127.0.0.1",
         engine: Engine | None = None,
+        receiver: KVDestination | None = None,
     ):
-        """`engine`: one already built from `engine_args` (a ParallelEngine); default: an LLMEngine here."""
+        """`engine`: one already built from `engine_args` (a ParallelEngine); default: an LLMEngine here.
+        `receiver`: where remote prefills land (a ParallelEngine's rank receivers); default: a KVReceiver on `host`
+        over this engine's pools, when there is a `prefill`."""
         self.engine = engine or LLMEngine(engine_args)
         self.async_engine = AsyncEngine(self.engine)
         self.prefill = prefill
@@ -56,10 +61,10 @@ class DecodeWorker:
         self.lease_s = lease_s
         self.timeout_s = timeout_s
         self.on_failure = on_failure
-        self.receiver = None
-        if prefill is not None:
+        self.receiver = receiver
+        if prefill is not None and receiver is None:
             layout, latent, index_keys = transfer_layout(self.engine)
-            self.receiver = KVReceiver(layout, latent, index_keys, host=host)
+            self.receiver = LocalReceiver(KVReceiver(layout, latent, index_keys, host=host))
         self.remote_prefills = self.local_fallbacks = 0
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
@@ -83,17 +88,20 @@ class DecodeWorker:
         sent back to be prefilled here."""
         rid = plan.request_id
         self.remote_prefills += 1
-        arrived = asyncio.wrap_future(
-            self.receiver.register(rid, plan.block_table, plan.num_tokens, plan.start_token, self.lease_s)
-        )
+        try:
+            arrived = await self.receiver.register(plan, self.lease_s)
+        except TransferFailed as e:  # a rank of a parallel replica could not take it
+            return await self._fall_back(rid, e)
         ids = request.prompt_token_ids
+        receiver_address, *mirrors = self.receiver.addresses
         call = asyncio.ensure_future(
             self.prefill(
                 PrefillRequest(
                     request_id=rid,
                     prompt_token_ids=ids,
                     params=request.params,
-                    receiver_address=self.receiver.address,
+                    receiver_address=receiver_address,
+                    mirror_addresses=mirrors,
                     affinity_key=block_hash(None, ids[:64]) if len(ids) >= 64 else None,
                 )
             )
