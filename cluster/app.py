@@ -53,7 +53,9 @@ async def _post_stats_forever(replica: str, stats) -> None:
 class PrefillServer:
     def __init__(self, config: ServingConfig):
         _limit_threads(config.prefill)
-        self.worker = PrefillWorker(config.engine, config.kv_transfer.transport)
+        # one process per prefill replica: tensor/expert parallelism splits decode replicas only
+        engine = config.engine.model_copy(update={"tensor_parallel_size": 1, "expert_parallel_size": 1})
+        self.worker = PrefillWorker(engine, config.kv_transfer.transport)
         replica = serve.get_replica_context().replica_id.unique_id
         self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(replica, self.worker.stats))
 
@@ -80,6 +82,11 @@ class DecodeServer:
         self.parallel_engine = None
         if parallel_config(config.engine) is not None:
             self.parallel_engine = ParallelEngine(config.engine, use_gpu=config.decode.num_gpus > 0)
+        loopback = config.host in ("127.0.0.1", "localhost")
+        receiver = None
+        if self.parallel_engine is not None and prefill is not None:
+            # every rank holds a full copy of the KV cache, so each runs a receiver (on its own node's address)
+            receiver = self.parallel_engine.open_receivers("127.0.0.1" if loopback else None)
         self.worker = DecodeWorker(
             config.engine,
             prefill=(lambda request: prefill.prefill.remote(request)) if prefill is not None else None,
@@ -87,8 +94,9 @@ class DecodeServer:
             lease_s=config.kv_transfer.lease_s,
             timeout_s=config.kv_transfer.timeout_s,
             on_failure=config.kv_transfer.on_failure,
-            host=ray.util.get_node_ip_address() if config.host not in ("127.0.0.1", "localhost") else "127.0.0.1",
+            host="127.0.0.1" if loopback else ray.util.get_node_ip_address(),
             engine=self.parallel_engine,
+            receiver=receiver,
         )
         model_config = self.worker.engine.config
         self.config = config

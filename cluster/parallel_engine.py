@@ -1,10 +1,15 @@
 """A decode replica over several devices, driven in lockstep: `ParallelEngine` has the interface `AsyncEngine` and
 `DecodeWorker` use from `LLMEngine`, and runs an `EngineRank` per device of one placement group.
 
-add_request and abort only queue commands here. Each `step()` sends every rank the commands queued since the last
-step plus the step itself, one Ray call per rank, all ranks at once; they apply identical commands in identical
-order, so their collectives line up, and rank 0's outputs come back. Requests are checked here first (as the
+add_request, abort and fail_remote only queue commands here. Each `step()` sends every rank the commands queued
+since the last step plus the step itself, one Ray call per rank, all ranks at once; they apply identical commands in
+identical order, so their collectives line up, and rank 0's outputs come back. Requests are checked here first (as the
 engine would), so a bad one is refused at once rather than failing inside a step on every rank.
+
+Disaggregated serving needs two results before the next step: the remote-prefill plan of add_request (which blocks
+to fill) and the first output of complete_remote. Those calls send the queued commands and their own to every rank
+at once, without a step (`EngineRank.apply`), so the order stays the same everywhere. The KV itself lands at every
+rank's receiver (`open_receivers`, `rank_receivers.py`).
 """
 
 import logging
@@ -12,9 +17,10 @@ import random
 
 import ray
 
+from glmserve.decode.async_engine import EngineDeadError
 from glmserve.decode.engine import RemotePrefill
 from glmserve.decode.engine_args import EngineArgs
-from glmserve.decode.outputs import RequestOutput
+from glmserve.decode.outputs import Logprob, RequestOutput
 from glmserve.decode.validation import check_new_request
 from glmserve.model.default_checkpoint import default_checkpoint
 from glmserve.model.parallel import ParallelConfig
@@ -22,7 +28,8 @@ from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
 
 from .engine_rank import Command, EngineRank, RankStep
-from .rank_group import RankGroup
+from .rank_group import RankFailed, RankGroup
+from .rank_receivers import RankReceivers
 
 log = logging.getLogger(__name__)
 
@@ -82,36 +89,68 @@ class ParallelEngine:
         remote_prefill_min_tokens: int | None = None,
     ) -> RemotePrefill | None:
         """Queue a request for the next step; bad input raises InvalidRequest now, as LLMEngine.add_request does.
-        Rank failures surface from `step` (RankFailed), which the engine loop reports to every request."""
-        if remote_prefill_min_tokens is not None:
-            raise ValueError("a tensor/expert-parallel decode replica does not take remote prefills")
+        Rank failures surface from `step` (RankFailed), which the engine loop reports to every request. A prompt
+        that may be prefilled remotely is added on every rank now, and the plan (if any) returned."""
         params = params or SamplingParams()
-        check_new_request(
+        ids = check_new_request(
             request_id, prompt, params, self.tokenizer, self._running, self.config.vocab_size, self.max_model_len
         )
         if params.seed is None:
             params = params.model_copy(update={"seed": self._seeds.getrandbits(62)})
         self._running.add(request_id)
+        # a prompt shorter than the threshold is prefilled here whatever the ranks have cached: no round trip
+        if remote_prefill_min_tokens is not None and params.n == 1 and len(ids) >= remote_prefill_min_tokens:
+            return self._apply_now(("add_request", (request_id, prompt, params, remote_prefill_min_tokens)))
         self._commands.append(("add_request", (request_id, prompt, params)))
         return None
+
+    def complete_remote(self, request_id: str, first_token: int, logprob: dict[int, Logprob] | None) -> RequestOutput:
+        """The KV landed at every rank: decode from here (rank 0's first output)."""
+        out = self._apply_now(("complete_remote", (request_id, first_token, logprob)))
+        if out.finished:
+            self._running.discard(request_id)
+        return out
+
+    def fail_remote(self, request_id: str, recompute: bool) -> None:
+        """Queued like abort: every rank ends the transfer, then requeues the prompt or ends the request."""
+        if not recompute:
+            self._running.discard(request_id)
+        self._commands.append(("fail_remote", (request_id, recompute)))
 
     def abort(self, request_id: str) -> None:
         self._running.discard(request_id)
         self._commands.append(("abort", (request_id,)))
 
-    def step(self) -> list[RequestOutput]:
-        """One step on every rank; rank 0's outputs. RankFailed when a rank died or raised (the ranks are then
-        released: this engine is done), RanksDiverged when their outputs differ."""
-        commands, self._commands = self._commands, []
-        reports: list[RankStep] = self.group.call("step", commands)
+    def _apply_now(self, command: Command) -> object:
+        """Send the queued commands and `command` to every rank without a step; rank 0's result of `command`."""
+        commands, self._commands = [*self._commands, command], []
+        try:
+            answers: list[tuple[list | None, RankStep]] = self.group.call("apply", commands)
+        except RankFailed as e:  # the replica is gone, as when a step fails: a 503 for this request too
+            raise EngineDeadError(str(e)) from e
+        self._agree([report for _, report in answers])
+        return answers[0][0][-1]
+
+    def _agree(self, reports: list[RankStep]) -> None:
+        """Keep rank 0's report once every rank's digest matches it."""
         if len({r.digest for r in reports}) > 1:
             self.group.shutdown()
             raise RanksDiverged(f"the ranks' outputs differ (digests {[r.digest for r in reports]})")
         self._last = reports[0]
+
+    def step(self) -> list[RequestOutput]:
+        """One step on every rank; rank 0's outputs. RankFailed when a rank died or raised (the ranks are then
+        released: this engine is done), RanksDiverged when their outputs differ."""
+        commands, self._commands = self._commands, []
+        self._agree(self.group.call("step", commands))
         for out in self._last.outputs:
             if out.finished:
                 self._running.discard(out.request_id)
         return self._last.outputs
+
+    def open_receivers(self, host: str | None = None) -> RankReceivers:
+        """Start a KV receiver on every rank, on `host` (default: each rank's node address), for remote prefills."""
+        return RankReceivers(self.group.ranks, self.group.call("open_receiver", host))
 
     def rank_reports(self) -> list[RankStep]:
         """Every rank's digest of its outputs so far and whether it is idle (tests check that they agree and that

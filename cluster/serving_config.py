@@ -62,18 +62,6 @@ class ServingConfig(BaseModel):
             raise ValueError("decode.replicas must be >= 1: decode workers orchestrate every request")
         return self
 
-    @model_validator(mode="after")
-    def _parallel_is_colocated(self) -> "ServingConfig":
-        # KV transfers land in one engine's pools, and prefill workers run one process each: not yet split ones
-        engine = self.engine
-        if engine.tensor_parallel_size * engine.expert_parallel_size > 1 and self.has_prefill:
-            raise ValueError(
-                "engine.tensor_parallel_size / engine.expert_parallel_size > 1 needs colocated serving "
-                "(prefill.replicas: 0 or --prefill-replicas 0, and no prefill.autoscaling): disaggregated prefill to "
-                "a tensor/expert-parallel decode replica is not supported yet"
-            )
-        return self
-
     @property
     def has_prefill(self) -> bool:
         return self.prefill.replicas > 0 or self.prefill.autoscaling is not None

@@ -7,8 +7,11 @@ from pathlib import Path
 import torch
 from hf_models import make_hf_model
 
+from glmserve.decode.request import EngineRequest
+from glmserve.decode.server import DecodeWorker
 from glmserve.model import load_model
 from glmserve.model.default_checkpoint import PACKAGED
+from glmserve.model.sampling_params import SamplingParams
 
 
 def make_engine_checkpoint(path: Path, seed: int = 11, **overrides) -> Path:
@@ -21,6 +24,15 @@ def make_engine_checkpoint(path: Path, seed: int = 11, **overrides) -> Path:
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+async def generate_tokens(worker: DecodeWorker, rid: str, prompt: list[int], params: SamplingParams) -> list[int]:
+    """The token ids a decode worker streams for one request."""
+    tokens = []
+    async for out in worker.generate(EngineRequest(request_id=rid, prompt_token_ids=prompt, params=params)):
+        for delta in out.deltas:
+            tokens += delta.token_ids
+    return tokens
 
 
 class GreedyReference:

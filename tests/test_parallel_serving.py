@@ -11,6 +11,7 @@ import pytest
 import ray
 from engine_fixtures import random_prompts
 from ray import serve
+from ray_fixtures import assert_ranks_agree_and_idle, local_ray
 from server_process import free_port
 
 from glmserve.api.errors import ServiceUnavailableError
@@ -51,18 +52,9 @@ def _generate(engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> 
     return done
 
 
-def _assert_ranks_agree_and_idle(engine: ParallelEngine) -> None:
-    reports = engine.rank_reports()
-    assert len({r.digest for r in reports}) == 1, "the ranks' outputs differ"
-    assert all(r.idle for r in reports), "a rank still holds KV blocks"
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
+    yield from local_ray()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +78,7 @@ def test_lockstep_replica_generates_what_one_process_does(parallel_engine, refer
     assert {rid: got[rid] for rid in REPRODUCIBLE} == reference
     # unseeded requests carry the driver's seed to every rank: both samples came out the same everywhere
     assert [len(tokens) for tokens, _ in got["unseeded"]] == [12, 12]
-    _assert_ranks_agree_and_idle(parallel_engine)
+    assert_ranks_agree_and_idle(parallel_engine)
 
 
 def test_abort_frees_blocks_on_every_rank(parallel_engine):
@@ -104,7 +96,7 @@ def test_abort_frees_blocks_on_every_rank(parallel_engine):
     while parallel_engine.has_work:
         parallel_engine.step()
     assert parallel_engine.idle and parallel_engine.stats()["num_requests_running"] == 0
-    _assert_ranks_agree_and_idle(parallel_engine)
+    assert_ranks_agree_and_idle(parallel_engine)
 
 
 def test_dead_rank_fails_pending_and_new_requests(cluster):
@@ -132,14 +124,14 @@ def test_dead_rank_fails_pending_and_new_requests(cluster):
         engine.shutdown()
 
 
-def test_serve_flags_reach_the_engine_and_disaggregated_parallel_is_refused():
+def test_serve_flags_reach_the_engine():
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
     args = parser.parse_args(["--tensor-parallel-size", "2", "--expert-parallel-size", "2", "--prefill-replicas", "0"])
     config = config_from_args(args)
     assert (config.engine.tensor_parallel_size, config.engine.expert_parallel_size) == (2, 2)
-    with pytest.raises(ValueError, match=r"prefill.replicas: 0"):
-        config_from_args(parser.parse_args(["--tensor-parallel-size", "2", "--prefill-replicas", "1"]))
+    disaggregated = config_from_args(parser.parse_args(["--tensor-parallel-size", "2", "--prefill-replicas", "1"]))
+    assert disaggregated.has_prefill and disaggregated.engine.tensor_parallel_size == 2
 
 
 def test_a_dead_engine_is_a_503_for_clients():

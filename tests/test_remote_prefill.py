@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 import torch
+from engine_fixtures import generate_tokens
 
 from glmserve import LLM, SamplingParams
 from glmserve.decode.engine_args import EngineArgs
-from glmserve.decode.request import EngineRequest
 from glmserve.decode.server import DecodeWorker, RemotePrefillFailed
 from glmserve.kvtransfer.sender import KVSender
 from glmserve.prefill.request import PrefillRequest
@@ -22,14 +22,6 @@ KV_BUDGET = 256 << 20  # each engine its own budget: several share one GPU when 
 
 def _prompt(n: int, seed: int = 0) -> list[int]:
     return torch.randint(0, 8000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-async def _generate(worker: DecodeWorker, rid: str, prompt: list[int]) -> list[int]:
-    tokens = []
-    async for out in worker.generate(EngineRequest(request_id=rid, prompt_token_ids=prompt, params=GREEDY)):
-        for delta in out.deltas:
-            tokens += delta.token_ids
-    return tokens
 
 
 @pytest.mark.parametrize("k", [0, 2])
@@ -47,7 +39,7 @@ def test_remote_prefill_equals_offline(k):
         prefill = PrefillWorker(args)
         decode = DecodeWorker(args, prefill=prefill.prefill, local_prefill_threshold=100)
         try:
-            got = [await _generate(decode, f"r{i}", p) for i, p in enumerate(prompts)]
+            got = [await generate_tokens(decode, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
             assert await decode.wait_idle()
             blocks = prefill.engine.block_manager  # the blocks held for the transfers (read in place) are back
             assert blocks.num_free_blocks == blocks.num_blocks
@@ -99,7 +91,7 @@ def test_stalled_transfer_is_given_up(policy):
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             try:
-                result = await asyncio.wait_for(_generate(decode, "stalled", prompt), timeout=20)
+                result = await asyncio.wait_for(generate_tokens(decode, "stalled", prompt, GREEDY), timeout=20)
             except RemotePrefillFailed as e:
                 result = e
             elapsed = loop.time() - t0
