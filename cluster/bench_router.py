@@ -10,10 +10,13 @@ DecodeWorker directly, and through the FastAPI app over httpx's ASGI transport (
 """
 
 import asyncio
+import itertools
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
+import aiohttp
 import httpx
 import numpy as np
 import torch
@@ -30,28 +33,44 @@ GOAL_MS = 2.0
 PROMPT = list(range(100, 132))
 
 
-async def _time_direct(generate, n: int) -> np.ndarray:
-    """Seconds per request through `generate(EngineRequest)` (an async iterator of outputs)."""
-    out = np.empty(n)
-    for i in range(n):
-        t0 = time.perf_counter()
-        request = EngineRequest(
-            request_id=f"direct-{i}", prompt_token_ids=PROMPT, params=SamplingParams(temperature=0, max_tokens=1)
-        )
-        async for _ in generate(request):
-            pass
-        out[i] = time.perf_counter() - t0
-    return out
+_request_ids = itertools.count()
 
 
-async def _time_http(client: httpx.AsyncClient, n: int) -> np.ndarray:
-    out = np.empty(n)
+async def _direct_once(generate) -> float:
+    """Seconds for one request through `generate(EngineRequest)` (an async iterator of outputs)."""
+    t0 = time.perf_counter()
+    request = EngineRequest(
+        request_id=f"direct-{next(_request_ids)}",
+        prompt_token_ids=PROMPT,
+        params=SamplingParams(temperature=0, max_tokens=1),
+    )
+    async for _ in generate(request):
+        pass
+    return time.perf_counter() - t0
+
+
+COMPLETION = {"prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+Post = Callable[[], Awaitable[None]]  # one /v1/completions request, its whole response read
+
+
+async def _http_once(post: Post) -> float:
+    t0 = time.perf_counter()
+    await post()
+    return time.perf_counter() - t0
+
+
+async def _time_interleaved(post: Post, generate, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Milliseconds per request (HTTP, direct), one of each in turn after a warm-up: drift in the load of the two
+    shared cores then falls on both paths alike (timing all of one path and then all of the other let it bias the
+    difference by more than the difference itself)."""
+    for _ in range(min(20, n)):
+        await _http_once(post)
+        await _direct_once(generate)
+    http, direct = np.empty(n), np.empty(n)
     for i in range(n):
-        t0 = time.perf_counter()
-        r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
-        r.raise_for_status()
-        out[i] = time.perf_counter() - t0
-    return out
+        http[i] = await _http_once(post)
+        direct[i] = await _direct_once(generate)
+    return http * 1e3, direct * 1e3
 
 
 async def _time_in_process(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,15 +92,17 @@ async def _time_in_process(n: int) -> tuple[np.ndarray, np.ndarray]:
     transport = httpx.ASGITransport(app=create_app(server))
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=60) as client:
-            await _time_http(client, min(20, n))
-            await _time_direct(worker.generate, min(20, n))
-            return await _time_http(client, n) * 1e3, await _time_direct(worker.generate, n) * 1e3
+
+            async def post() -> None:
+                (await client.post("/v1/completions", json=COMPLETION)).raise_for_status()
+
+            return await _time_interleaved(post, worker.generate, n)
     finally:
         worker.shutdown()
 
 
 async def _time_both(base: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Milliseconds per request each way, after a warm-up. The driver's handle routes on this event loop, as the
+    """Milliseconds per request each way (interleaved). The driver's handle routes on this event loop, as the
     proxy's does (`serve_env`), so that both paths pay the same for routing."""
     from ray.serve.handle import DeploymentHandle
 
@@ -89,10 +110,16 @@ async def _time_both(base: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     handle._init(_run_router_in_separate_loop=False)
     generate = handle.options(stream=True).generate.remote
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-            await _time_http(client, min(20, n))
-            await _time_direct(generate, min(20, n))
-            return await _time_http(client, n) * 1e3, await _time_direct(generate, n) * 1e3
+        # aiohttp rather than httpx over the network: the client shares the two cores with the server, and httpx's
+        # own work per request (~0.3 ms more) would be counted as the router's
+        async with aiohttp.ClientSession(base, timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+            async def post() -> None:
+                async with session.post("/v1/completions", json=COMPLETION) as r:
+                    r.raise_for_status()
+                    await r.read()
+
+            return await _time_interleaved(post, generate, n)
     finally:
         await handle.shutdown_async()
 
