@@ -179,9 +179,9 @@ def pack_input_projections(model: GlmForCausalLM) -> None:
 
 
 def fuse_elementwise(model: nn.Module) -> None:
-    """Run the model's chains of small elementwise launches as one Triton kernel each, same math: every RMSNorm,
-    every rotary embedding, and the routers' selection (one group). At decode batch sizes a step's cost is its
-    launches; these were about half of them."""
+    """Run the model's chains of small elementwise launches as one Triton kernel each: every RMSNorm, every rotary
+    embedding (rounded once instead of after each product: a last-bit difference) and the routers' selection (one
+    group). At decode batch sizes a step's cost is its launches, and these chains were a large share of them."""
     from .kernels import rms_norm, rope, router
 
     for module in model.modules():
