@@ -12,7 +12,7 @@ so they answer while a step runs in the default group (which keeps engine calls 
 
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -50,8 +50,9 @@ class RankStep:
     stats: dict[str, float] | None = None
 
 
-@ray.remote(concurrency_groups={"kv": 2, "kv_poll": 1})
-class EngineRank(RankProcess):
+class EngineRankProcess(RankProcess):
+    """The rank's engine and its commands (`EngineRank`); `cluster.prefill_ranks.PrefillRank` extends it."""
+
     def start(self, master_addr: str, master_port: int, timeout_s: float, args: EngineArgs) -> None:
         self.join(master_addr, master_port, timeout_s)  # the engine builds its groups over this process group
         self.engine = LLMEngine(args.model_copy(update={"device": self.device.type}))
@@ -76,17 +77,22 @@ class EngineRank(RankProcess):
     def _apply(self, commands: list[Command]) -> list:
         results = []
         for name, args in commands:
-            if name not in COMMANDS:
-                raise ValueError(f"unknown engine command {name!r}")
+            command = self._command(name)
             if name in _ENDS_TRANSFER and self.receiver is not None:
                 self.receiver.abort(args[0], "the request ended on the decode side")
-            result = getattr(self.engine, name)(*args)
+            result = command(*args)
             if isinstance(result, RemotePrefill):  # every rank must reserve the same blocks: the KV lands in them
                 self._digest.update(f"{result};".encode())
             elif isinstance(result, RequestOutput):
                 self._record([result])
             results.append(result)
         return results
+
+    def _command(self, name: str) -> Callable:
+        """What a command named `name` calls (subclasses add their own)."""
+        if name not in COMMANDS:
+            raise ValueError(f"unknown engine command {name!r}")
+        return getattr(self.engine, name)
 
     def _record(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:  # the new tokens (not the whole sequences that finished requests carry)
@@ -147,3 +153,7 @@ class EngineRank(RankProcess):
             settled, self._settled = self._settled, {}
         stats = self.receiver.stats
         return settled, {"bytes_received": stats.bytes_received, "transfer_seconds": stats.transfer_seconds}
+
+
+# the transfer calls answer while a step runs (the default group)
+EngineRank = ray.remote(concurrency_groups={"kv": 2, "kv_poll": 1})(EngineRankProcess)

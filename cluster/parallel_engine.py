@@ -10,6 +10,8 @@ Disaggregated serving needs two results before the next step: the remote-prefill
 to fill) and the first output of complete_remote. Those calls send the queued commands and their own to every rank
 at once, without a step (`EngineRank.apply`), so the order stays the same everywhere. The KV itself lands at every
 rank's receiver (`open_receivers`, `rank_receivers.py`).
+
+A prefill replica over several devices drives its `PrefillRank`s with this engine too (`prefill_ranks.py`).
 """
 
 import logging
@@ -46,11 +48,19 @@ def parallel_config(args: EngineArgs) -> ParallelConfig | None:
 
 
 class ParallelEngine:
-    def __init__(self, args: EngineArgs, use_gpu: bool = False, timeout_s: float = 300.0):
+    def __init__(
+        self,
+        args: EngineArgs,
+        use_gpu: bool = False,
+        timeout_s: float = 300.0,
+        rank_class: ray.actor.ActorClass = EngineRank,
+        rank_args: tuple = (),
+    ):
+        """`rank_class`: an actor class of an `EngineRankProcess` subclass, started with `args` and `rank_args`."""
         parallel = parallel_config(args)
         if parallel is None:
             raise ValueError("ParallelEngine needs tensor_parallel_size or expert_parallel_size > 1")
-        self.group = RankGroup(EngineRank, parallel, use_gpu, timeout_s, args)
+        self.group = RankGroup(rank_class, parallel, use_gpu, timeout_s, args, *rank_args)
         try:
             info = ray.get(self.group.ranks[0].info.remote(), timeout=timeout_s)
             self.tokenizer = Tokenizer.from_pretrained(args.model or default_checkpoint())
@@ -64,9 +74,7 @@ class ParallelEngine:
         # and random sampling must draw the same tokens on every rank.
         self._seeds = random.Random(args.seed)
         self._last: RankStep = self.group.call("report")[0]
-        log.info(
-            "decode engine ready on %d ranks (%s), max_model_len %d", parallel.world_size, parallel, self.max_model_len
-        )
+        log.info("engine ready on %d ranks (%s), max_model_len %d", parallel.world_size, parallel, self.max_model_len)
 
     @property
     def has_work(self) -> bool:
@@ -120,6 +128,10 @@ class ParallelEngine:
     def abort(self, request_id: str) -> None:
         self._running.discard(request_id)
         self._commands.append(("abort", (request_id,)))
+
+    def enqueue(self, command: Command) -> None:
+        """Queue a command of the rank class's own (see `EngineRankProcess._command`) for the next step."""
+        self._commands.append(command)
 
     def _apply_now(self, command: Command) -> object:
         """Send the queued commands and `command` to every rank without a step; rank 0's result of `command`."""

@@ -5,7 +5,8 @@ gets the same KV at every rank (`PrefillRequest.mirror_addresses`).
 
 Layers are sent straight from the engine's pools (no copy here; `cuda_ipc` lets the decode side read them in
 place), so the sequence's blocks are held past the end of its one-token generation, until the transfer has
-completed or failed.
+completed or failed. `KVStreams` is that sending side on its own, so that each rank of a tensor/expert-parallel
+prefill replica can run it (`cluster/prefill_ranks.py`).
 
 Plain Python: `cluster/app.py` wraps it as the Ray Serve `PrefillServer` deployment.
 """
@@ -15,11 +16,12 @@ import contextlib
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
-from glmserve.decode.async_engine import AsyncEngine
+from glmserve.decode.async_engine import AsyncEngine, EngineDeadError
 from glmserve.decode.engine import LLMEngine
 from glmserve.decode.engine_args import EngineArgs
 from glmserve.kvtransfer.errors import TransferFailed
@@ -52,23 +54,28 @@ def transfer_layout(engine: LLMEngine) -> tuple[KVLayout, list[torch.Tensor], di
 
 @dataclass
 class _Outgoing:
-    transfer: OutgoingTransfer | MirroredTransfer
+    transfer: OutgoingTransfer | MirroredTransfer | None  # None: hold the blocks, send nothing
     prompt_len: int
     hidden: torch.Tensor | None = None
     held_blocks: list[int] | None = None  # the sequence's blocks, held for the transfer to read
 
 
-class PrefillWorker:
-    def __init__(self, engine_args: EngineArgs, transport: str = "tcp"):
-        self.engine = LLMEngine(engine_args)
-        self.async_engine = AsyncEngine(self.engine)
+class KVStreams:
+    """The sending side of a prefill engine: hooks on `engine` stream each layer of the tracked prompts to their
+    decode receivers as soon as the prompt's last chunk has written it, holding the prompt's blocks until the
+    transfer has read them. A prompt tracked without a transfer (on the other ranks of a tensor/expert-parallel
+    prefill replica, whose rank 0 sends) sends nothing but holds and frees the same blocks, so that the ranks' block
+    managers, and with them their schedules, stay alike."""
+
+    def __init__(self, engine: LLMEngine, transport: str = "tcp"):
+        self.engine = engine
         self.transport = transport
-        self.layout, self.latent, self.index_keys = transfer_layout(self.engine)
+        self.layout, self.latent, self.index_keys = transfer_layout(engine)
         self._senders: dict[str, KVSender] = {}
         self._senders_lock = threading.Lock()
         self._outgoing: dict[str, _Outgoing] = {}  # engine sequence id -> transfer
-        self.engine.runner.layer_hook = self._on_layer
-        self.engine.hidden_hook = self._on_hidden
+        engine.runner.layer_hook = self._on_layer
+        engine.hidden_hook = self._on_hidden
 
     def _sender(self, address: str) -> KVSender:
         with self._senders_lock:
@@ -86,8 +93,9 @@ class PrefillWorker:
         if layer == 0:
             # Leases are renewed only on progress; a prompt still queued or in its early chunks shows it here.
             for out in list(self._outgoing.values()):
-                with contextlib.suppress(TransferFailed):  # the decode side gave up; prefill() notices at the end
-                    out.transfer.keepalive()
+                if out.transfer is not None:
+                    with contextlib.suppress(TransferFailed):  # the decode side gave up; prefill() notices at the end
+                        out.transfer.keepalive()
         for chunk in step.chunks:
             out = self._outgoing.get(chunk.request_id)
             if out is None or chunk.start_pos + len(chunk.token_ids) != out.prompt_len:
@@ -97,27 +105,100 @@ class PrefillWorker:
                 # outlive the sequence, which finishes with this step
                 out.held_blocks = list(chunk.block_table)
                 self.engine.block_manager.acquire(out.held_blocks)
-                with contextlib.suppress(TransferFailed):
-                    out.transfer.read_from_pools(out.held_blocks)
-            with contextlib.suppress(TransferFailed):  # the decode side gave up: nothing more is sent
-                out.transfer.send_layer(layer)
+                if out.transfer is not None:
+                    with contextlib.suppress(TransferFailed):
+                        out.transfer.read_from_pools(out.held_blocks)
+            if out.transfer is not None:
+                with contextlib.suppress(TransferFailed):  # the decode side gave up: nothing more is sent
+                    out.transfer.send_layer(layer)
 
     def _on_hidden(self, request_id: str, hidden: torch.Tensor) -> None:
         out = self._outgoing.get(f"{request_id}#0")
-        if out is not None:
+        if out is not None and out.transfer is not None:
             out.hidden = hidden.detach().clone()
 
-    def _open_transfer(self, request: PrefillRequest) -> OutgoingTransfer | MirroredTransfer:
-        """At the decode worker's receiver, and at each mirror (the other ranks of a parallel decode replica)."""
+    # ---- requests ----
+    def open(self, request: PrefillRequest) -> OutgoingTransfer | MirroredTransfer:
+        """The request's transfer, at the decode worker's receiver and at each mirror (the other ranks of a parallel
+        decode replica); blocks while it connects."""
         senders = [self._sender(address) for address in (request.receiver_address, *request.mirror_addresses)]
         return open_mirrored(senders, request.request_id)
+
+    def track(self, request_id: str, prompt_len: int, transfer: OutgoingTransfer | MirroredTransfer | None) -> None:
+        """Stream the prompt's KV into `transfer` as the engine computes it (before the engine's next step)."""
+        self._outgoing[f"{request_id}#0"] = _Outgoing(transfer, prompt_len)
+
+    def complete(self, request_id: str, token: int, logprob: float, top: list[tuple[int, float]]) -> Future:
+        """Hand over the first token and the last hidden state; resolves once the decode side has everything."""
+        out = self._outgoing[f"{request_id}#0"]
+        return out.transfer.complete(token, logprob, top, out.hidden)
+
+    def release(self, request_id: str) -> None:
+        """On the engine thread: stop tracking the request and free the blocks held for its transfer."""
+        out = self._outgoing.pop(f"{request_id}#0", None)
+        if out is not None and out.held_blocks is not None:
+            self.engine.block_manager.free(out.held_blocks)
+
+    def stats(self) -> dict[str, float]:
+        sent = [s.stats for s in self._senders.values()]
+        return {
+            "kv_transfer_bytes": sum(s.bytes_sent for s in sent),
+            "kv_transfer_seconds": sum(s.send_seconds for s in sent),
+            "kv_transfer_failures": sum(s.transfers_failed for s in sent),
+        }
+
+    def close(self) -> None:
+        for sender in self._senders.values():
+            sender.close()
+
+
+def prefill_stats(stats: dict[str, float]) -> dict[str, float]:
+    """A prefill replica's routing and metrics counters, from its engine's and its KVStreams' counters."""
+    return {"role": "prefill", **{name: stats[name] for name in _PREFILL_STATS}}
+
+
+_PREFILL_STATS = (
+    "num_requests_running",
+    "num_requests_waiting",
+    "kv_cache_usage",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+    "kv_transfer_bytes",
+    "kv_transfer_seconds",
+    "kv_transfer_failures",
+)
+
+
+class PrefillWorker:
+    """One engine in this process. The engine-side steps of a prefill (`_open`, `_track`, `_complete`, `_abort`,
+    `_release`) are methods, so that `cluster.prefill_ranks.ParallelPrefillWorker` can run them on rank actors."""
+
+    def __init__(self, engine_args: EngineArgs, transport: str = "tcp"):
+        self.engine = LLMEngine(engine_args)
+        self.streams = KVStreams(self.engine, transport)
+        self.layout = self.streams.layout
+        self.async_engine = AsyncEngine(self.engine)
+
+    async def _open(self, request: PrefillRequest) -> OutgoingTransfer | MirroredTransfer | None:
+        return await asyncio.to_thread(self.streams.open, request)
+
+    def _track(self, request_id: str, prompt_len: int, transfer: OutgoingTransfer | MirroredTransfer | None) -> None:
+        self.streams.track(request_id, prompt_len, transfer)
+
+    async def _complete(self, request_id: str, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        await asyncio.wrap_future(self.streams.complete(request_id, token, logprob, top))
+
+    def _abort(self, request_id: str, transfer: OutgoingTransfer | MirroredTransfer | None, reason: str) -> None:
+        transfer.abort(reason)
+
+    def _release(self, request_id: str) -> None:
+        self.streams.release(request_id)
 
     # ---- requests ----
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         t0 = time.perf_counter()
-        transfer = await asyncio.to_thread(self._open_transfer, request)
-        seq_id = f"{request.request_id}#0"
-        self._outgoing[seq_id] = _Outgoing(transfer, len(request.prompt_token_ids))
+        rid, prompt = request.request_id, request.prompt_token_ids
+        transfer = await self._open(request)
         params = request.params.model_copy(
             update={
                 "max_tokens": 1,
@@ -127,48 +208,37 @@ class PrefillWorker:
                 "include_stop_str_in_output": False,
             }
         )
-        engine = self.engine
-        add = lambda: engine.add_request(request.request_id, request.prompt_token_ids, params)  # noqa: E731
+
+        def add() -> None:  # on the engine thread; tracked before the step that computes the prompt
+            self.engine.add_request(rid, prompt, params)
+            self._track(rid, len(prompt), transfer)
+
         last = None
         try:
-            async for out in self.async_engine.generate(request.request_id, add):
+            async for out in self.async_engine.generate(rid, add):
                 last = out
             final = last.outputs[0]
             token = final.token_ids[0]
             entry = final.logprobs[0] if final.logprobs else {}
             top = sorted(((t, lp.logprob) for t, lp in entry.items() if t != token), key=lambda x: -x[1])
             logprob = entry[token].logprob if token in entry else 0.0
-            await asyncio.wrap_future(transfer.complete(token, logprob, top, self._outgoing[seq_id].hidden))
+            await self._complete(rid, token, logprob, top)
         except BaseException as e:
-            transfer.abort(f"prefill failed: {e!r}")
+            self._abort(rid, transfer, f"prefill failed: {e!r}")
             raise
         finally:
-            out = self._outgoing.pop(seq_id, None)
-            if out is not None and out.held_blocks is not None:
-                await self.async_engine.submit(lambda: self.engine.block_manager.free(out.held_blocks))
+            with contextlib.suppress(EngineDeadError):  # a dead engine holds nothing any more
+                await self.async_engine.submit(lambda: self._release(rid))
         return PrefillResult(
-            request_id=request.request_id,
+            request_id=rid,
             first_token=token,
             num_cached_tokens=last.num_cached_tokens,
             seconds=time.perf_counter() - t0,
         )
 
     def stats(self) -> dict[str, float]:
-        engine = self.engine
-        sent = [s.stats for s in self._senders.values()]
-        return {
-            "role": "prefill",
-            "num_requests_running": len(engine.scheduler.running),
-            "num_requests_waiting": len(engine.scheduler.waiting),
-            "kv_cache_usage": engine.block_manager.usage,
-            "prefix_cache_queries": engine.block_manager.prefix_queries,
-            "prefix_cache_hits": engine.block_manager.prefix_hits,
-            "kv_transfer_bytes": sum(s.bytes_sent for s in sent),
-            "kv_transfer_seconds": sum(s.send_seconds for s in sent),
-            "kv_transfer_failures": sum(s.transfers_failed for s in sent),
-        }
+        return prefill_stats({**self.engine.stats(), **self.streams.stats()})
 
     def shutdown(self) -> None:
         self.async_engine.shutdown()
-        for sender in self._senders.values():
-            sender.close()
+        self.streams.close()
