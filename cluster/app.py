@@ -27,6 +27,7 @@ from glmserve.prefill.worker import PrefillWorker
 
 from . import serve_env, stats_board
 from .parallel_engine import ParallelEngine, parallel_config
+from .prefill_ranks import ParallelPrefillWorker
 from .serving_config import RoleConfig, ServingConfig
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,11 @@ async def _post_stats_forever(replica: str, stats) -> None:
 class PrefillServer:
     def __init__(self, config: ServingConfig):
         _limit_threads(config.prefill)
-        # one process per prefill replica: tensor/expert parallelism splits decode replicas only
-        engine = config.engine.model_copy(update={"tensor_parallel_size": 1, "expert_parallel_size": 1})
-        self.worker = PrefillWorker(engine, config.kv_transfer.transport)
+        engine, transport = config.prefill_engine_args, config.kv_transfer.transport
+        if parallel_config(engine) is not None:  # the engine runs on rank actors that this replica drives
+            self.worker = ParallelPrefillWorker(engine, transport, use_gpu=config.prefill.num_gpus > 0)
+        else:
+            self.worker = PrefillWorker(engine, transport)
         replica = serve.get_replica_context().replica_id.unique_id
         self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(replica, self.worker.stats))
 
@@ -64,6 +67,10 @@ class PrefillServer:
 
     def record_routing_stats(self) -> dict[str, float]:
         return self.worker.stats()
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose engine died (e.g. one of its rank actors)."""
+        self.worker.async_engine.check_alive()
 
     def __del__(self) -> None:
         self.worker.shutdown()
@@ -170,7 +177,7 @@ def build_app(config: ServingConfig) -> serve.Application:
                 request_router_class="glmserve.cluster.routers:PrefixAffinityRouter",
                 request_routing_stats_period_s=1,
             ),
-            **_options(config.prefill),
+            **_options(config.prefill, num_gpus=0 if parallel_config(config.prefill_engine_args) else None),
         ).bind(config)
     return DecodeServer.options(
         request_router_config=RequestRouterConfig(

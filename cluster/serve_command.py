@@ -23,6 +23,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-speculative-tokens", type=int)
     parser.add_argument("--tensor-parallel-size", type=int, help="ranks per decode replica that split attention")
     parser.add_argument("--expert-parallel-size", type=int, help="ranks per decode replica that split the experts")
+    parser.add_argument("--prefill-tensor-parallel-size", type=int, help="ranks per prefill replica (attention)")
+    parser.add_argument("--prefill-expert-parallel-size", type=int, help="ranks per prefill replica (experts)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServingConfig:
@@ -34,6 +36,8 @@ def config_from_args(args: argparse.Namespace) -> ServingConfig:
         ("engine", "tensor_parallel_size"): args.tensor_parallel_size,
         ("engine", "expert_parallel_size"): args.expert_parallel_size,
         ("prefill", "replicas"): args.prefill_replicas,
+        ("prefill_engine", "tensor_parallel_size"): args.prefill_tensor_parallel_size,
+        ("prefill_engine", "expert_parallel_size"): args.prefill_expert_parallel_size,
         ("decode", "replicas"): args.decode_replicas,
         ("host",): args.host,
         ("port",): args.port,

@@ -27,7 +27,7 @@ class RoleConfig(BaseModel):
 
     replicas: int = Field(1, ge=0)
     num_cpus: float = Field(1, gt=0)
-    num_gpus: float = Field(0, ge=0)  # tensor/expert-parallel decode: > 0 gives each rank one GPU (the replica none)
+    num_gpus: float = Field(0, ge=0)  # tensor/expert-parallel replica: > 0 gives each rank one GPU (the replica none)
     max_ongoing_requests: int = Field(256, gt=0)
     autoscaling: Autoscaling | None = None
 
@@ -41,12 +41,24 @@ class TransferConfig(BaseModel):
     on_failure: Literal["recompute", "fail"] = "recompute"
 
 
+class PrefillEngine(BaseModel):
+    """How prefill replicas' engines differ from `engine`: their own split (each role has its own `--tp`, as in vLLM's
+    and SGLang's disaggregated serving). TP or EP > 1 spreads a prefill replica over rank actors
+    (`cluster/prefill_ranks.py`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    expert_parallel_size: int = Field(1, ge=1)
+
+
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: EngineArgs = Field(default_factory=EngineArgs)
     served_model_name: str | None = None  # default: the checkpoint directory's name, or "glm5-tiny"
     prefill: RoleConfig = Field(default_factory=RoleConfig)
+    prefill_engine: PrefillEngine = Field(default_factory=PrefillEngine)
     decode: RoleConfig = Field(default_factory=RoleConfig)
     local_prefill_threshold: int = Field(256, ge=0)  # uncached prompt tokens below this prefill on the decode worker
     kv_transfer: TransferConfig = Field(default_factory=TransferConfig)
@@ -65,6 +77,10 @@ class ServingConfig(BaseModel):
     @property
     def has_prefill(self) -> bool:
         return self.prefill.replicas > 0 or self.prefill.autoscaling is not None
+
+    @property
+    def prefill_engine_args(self) -> EngineArgs:
+        return self.engine.model_copy(update=self.prefill_engine.model_dump())
 
     @property
     def model_name(self) -> str:
