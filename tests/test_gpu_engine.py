@@ -20,7 +20,7 @@ from glmserve.model.attention_backend import (
 from glmserve.model.bench_model import Driver, random_model
 from glmserve.model.config import GlmConfig
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache
-from glmserve.model.model_runner import BlockTables, ModelRunner, SeqChunk
+from glmserve.model.model_runner import BlockTables, ModelRunner, SeqChunk, pack_linears
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -93,6 +93,22 @@ def test_triton_picks_at():
         [[6, 7, 8]],
     ]
     assert TritonAttention.picks_at(None, None, picks.last_query) is None
+
+
+def test_pack_linears_keeps_one_copy_and_skips_biased_or_parallel_layers():
+    a, b = torch.nn.Linear(8, 3, bias=False), torch.nn.Linear(8, 5, bias=False)
+    before = torch.cat([a.weight, b.weight]).detach().clone()
+    packed = pack_linears([a, b])
+    assert torch.equal(packed, before)
+    assert a.weight.data_ptr() == packed.data_ptr() and b.weight.data_ptr() == packed[3:].data_ptr()  # views
+    x = torch.randn(2, 8)
+    assert torch.allclose(torch.nn.functional.linear(x, packed), torch.cat([a(x), b(x)], dim=-1))
+
+    class ParallelLinear(torch.nn.Linear):
+        pass
+
+    assert pack_linears([torch.nn.Linear(8, 3), b]) is None  # a bias
+    assert pack_linears([ParallelLinear(8, 3, bias=False), b]) is None  # a parallel layer's own forward
 
 
 # ----------------------------------------------------------------------------------------------- fused runner
