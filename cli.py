@@ -83,6 +83,13 @@ def _bench_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_goodput(args: argparse.Namespace) -> int:
+    from glmserve.cluster.bench_goodput import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
 def _bench_scheduler(args: argparse.Namespace) -> int:
     from glmserve.decode.bench_scheduler import run_bench_scheduler
 
@@ -152,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--port", type=int, default=8123)
     router.add_argument("--output-json", default="bench_router.json")
     router.set_defaults(func=_bench_router)
+    from glmserve.cluster.bench_goodput import add_bench_goodput_args
+
+    goodput = bench.add_parser("goodput", help="disaggregated vs colocated goodput on the same devices (DistServe)")
+    add_bench_goodput_args(goodput)
+    goodput.set_defaults(func=_bench_goodput)
     sched = bench.add_parser("scheduler", help="CPU cost of one scheduling step vs context length")
     sched.add_argument("--num-seqs", type=int, default=256)
     sched.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768])
