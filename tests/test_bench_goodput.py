@@ -33,12 +33,12 @@ def test_arrangements_use_two_single_device_replicas():
 
 
 @pytest.mark.slow
-def test_both_arrangements_serve_the_trace(tmp_path, monkeypatch):
+def test_both_arrangements_serve_the_trace(tmp_path, monkeypatch, shared_dir):
     for key, value in serve_env.PROXY_ENV.items():  # what the run sets, undone after the test
         monkeypatch.setenv(key, value)
     workload = BenchServeConfig(
-        trace="azure-code", trace_rate=2.0, num_requests=6, length_scale=8, max_output_len=16, token_ids=True,
-        slo_ttft_ms=5000, slo_tpot_ms=500,
+        trace="azure-code", trace_dir=str(shared_dir / "data" / "traces"), trace_rate=2.0, num_requests=6,
+        length_scale=8, max_output_len=16, token_ids=True, slo_ttft_ms=5000, slo_tpot_ms=500,
     )  # fmt: skip
     out = tmp_path / "goodput.json"
     report = run_bench_goodput(ServingConfig(port=8125), workload, [2.0], "cpu", str(out))
