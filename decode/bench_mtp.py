@@ -18,7 +18,7 @@ from .llm import LLM
 log = logging.getLogger(__name__)
 KV_BUDGET = 1 << 30
 # Adaptive K meets the graphs of its small batch sizes over several passes (the tail of a pass, where requests
-# finish, differs from pass to pass): on the H200 the fifth pass was the first to capture nothing.
+# finish, differs from pass to pass); four passes were not enough on the H200 (docs/benchmarks.md).
 _MAX_WARMUPS = 12
 
 

@@ -17,7 +17,10 @@ def test_timing_alternates_one_request_of_each_way():
         calls.append("direct")
         yield request
 
-    http, direct = asyncio.run(bench_router._time_interleaved(post, generate, 5))
+    times = asyncio.run(bench_router._time_interleaved(
+        {"http": lambda: bench_router._http_once(post), "direct": lambda: bench_router._direct_once(generate)}, 5
+    ))  # fmt: skip
+    http, direct = times["http"], times["direct"]
     assert http.shape == direct.shape == (5,) and np.all(http >= 0) and np.all(direct >= 0)
     assert calls == ["http", "direct"] * 10  # 5 warm-up pairs, then 5 timed pairs, one of each in turn
 

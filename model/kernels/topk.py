@@ -5,9 +5,9 @@ histogram of the keys that still match the prefix found so far); one last pass w
 above that threshold and as many keys equal to it as k needs. Rows with at most k causal keys take them all.
 Output: int32 [S, k] positions, in no particular order, -1 after the selected ones.
 
-Where it pays: decode and MTP verification, a few rows of at most `RADIX_MAX_WIDTH` keys, where torch.topk sorts
-each row (tens of microseconds per call) and this kernel's five passes take a few. On long prefill rows it is slower
-than torch.topk on the H200 (one program per row, unpipelined loads), so prefill keeps torch.
+Where it is used: decode and MTP verification, a few rows of at most `RADIX_MAX_WIDTH` keys, where torch.topk sorts
+each row while this kernel reads it five times. On long prefill rows it is slower than torch.topk on the H200
+(`glmserve bench kernels`: one program per row, unpipelined loads), so prefill keeps torch.
 """
 
 import torch
