@@ -5,8 +5,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     gate_up: torch.Tensor | None = None  # [2 * intermediate, hidden], packed by the fused runner for one GEMM
+    silu_mul = staticmethod(silu_mul)  # the fused runner swaps in the one-kernel version
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -19,4 +24,4 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.silu_mul(gate, up))

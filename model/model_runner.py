@@ -181,12 +181,16 @@ def pack_input_projections(model: GlmForCausalLM) -> None:
 def fuse_elementwise(model: nn.Module) -> None:
     """Run the model's chains of small elementwise launches as one Triton kernel each: every RMSNorm, every rotary
     embedding (rounded once instead of after each product: a last-bit difference) and the routers' selection (one
-    group). At decode batch sizes a step's cost is its launches, and these chains were a large share of them."""
-    from .kernels import rms_norm, rope, router
+    group), SwiGLU's activation, and each residual add with the norm after it. At decode batch sizes a step's cost
+    is its launches, and these chains were a large share of them."""
+    from .kernels import activation, rms_norm, rope, router
 
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.forward = lambda x, m=module: rms_norm.rms_norm_triton(x, m.weight, m.eps)
+            module.add_forward = lambda x, d, m=module: rms_norm.add_rms_norm_triton(x, d, m.weight, m.eps)
+        elif isinstance(module, MLP):
+            module.silu_mul = activation.silu_mul_triton
         elif isinstance(module, MLA | Indexer):
             module.rope = rope.rope_triton
         elif isinstance(module, Router) and module.n_group == 1:
@@ -362,19 +366,23 @@ class ModelRunner:
         q = torch.cat((torch.einsum("nhd,hdc->nhc", p.q_nope, w_uk), p.q_rope), dim=-1)
         with self.stage("attention"):
             o = self.attention.attend(step.batch, q, self.cache.latent[i], chosen, cfg.kv_lora_rank, cfg.softmax_scale)
-        x = x + attn.o_proj(torch.einsum("nhc,hvc->nhv", o, w_uv).flatten(1))
-        return x + self.feed_forward(i, layer, layer.post_attention_layernorm(x)), chosen
+        x, h = layer.post_attention_layernorm.add_forward(
+            x, attn.o_proj(torch.einsum("nhc,hvc->nhv", o, w_uv).flatten(1))
+        )
+        return self.feed_forward(i, layer, h, x), chosen
 
-    def feed_forward(self, i: int, layer: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, i: int, layer: DecoderLayer, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + the layer's MLP of h (the packed MoE adds its shared expert and the residual in its combine
+        launch)."""
         if i not in self.packed_experts:
-            return layer.mlp(h)
+            return residual + layer.mlp(h)
         with self.stage("moe"):
             moe = layer.mlp
             expert_ids, weights = moe.gate(h)
-            out = self.moe_kernels.moe_experts(h, expert_ids, weights, *self.packed_experts[i])
-            if moe.shared_experts is not None:
-                out = out + moe.shared_experts(h)
-            return out
+            shared = moe.shared_experts(h) if moe.shared_experts is not None else None
+            return self.moe_kernels.moe_experts(
+                h, expert_ids, weights, *self.packed_experts[i], shared=shared, residual=residual
+            )
 
     def execute(self, step: StepInputs, keep_all_hidden: bool = False) -> StepOutput:
         """Embedding, every main layer, final norm and the logits rows of a prepared step."""

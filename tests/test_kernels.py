@@ -8,7 +8,7 @@ block tables, several sequences of different lengths, positions on block boundar
 import pytest
 import torch
 
-from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, rms_norm, rope, router, topk
+from glmserve.model.kernels import activation, dsa_select, indexer, moe, paged_mla, rms_norm, rope, router, topk
 from glmserve.model.kernels.paged import gather_rows, query_tiles
 
 CUDA = torch.cuda.is_available()
@@ -332,14 +332,16 @@ def test_moe_triton_interpreter():
     assert relative_error(got, moe.moe_experts_reference(*case)) < 1e-5
 
 
-def test_moe_triton_small_batch_pairs_interpreter():
-    """Decode-sized batches route one tile per (token, slot) pair, without sorting."""
-    case = moe_case(torch.float32, 3, 64, 32, 8, 2)
-    routing = moe.route_pairs(case[1])
-    assert routing.tile_expert.tolist() == case[1].flatten().tolist()
+@pytest.mark.parametrize("tokens", [3, 11])  # 3 x 2 pairs <= 8 experts: a tile per pair, unsorted; 11: sorted
+def test_moe_triton_combines_shared_and_residual_interpreter(tokens):
+    """The combine launch sums each token's pairs, then adds the shared expert's output, then the residual."""
+    case = moe_case(torch.float32, tokens, 64, 32, 8, 2)
+    shared, residual = torch.randn(2, tokens, 64, device=DEVICE)
     launch = moe.MoeLaunch(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
-    got = moe.moe_experts_triton(*case, launch=launch)
-    assert relative_error(got, moe.moe_experts_reference(*case)) < 1e-5
+    got = moe.moe_experts_triton(*case, launch=launch, shared=shared, residual=residual)
+    assert relative_error(got, residual + (moe.moe_experts_reference(*case) + shared)) < 1e-5
+    alone = moe.moe_experts_triton(*case, launch=launch)
+    assert relative_error(alone, moe.moe_experts_reference(*case)) < 1e-5
 
 
 def test_moe_grouped_mm_with_empty_experts():
@@ -379,6 +381,30 @@ def test_rms_norm_interpreter(dtype):
     assert got.dtype == ref.dtype and relative_error(got, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
     three_d = rms_norm.rms_norm_triton(wide.view(7, 2, 40), torch.ones(40, device=DEVICE, dtype=dtype), 1e-5)
     assert three_d.shape == (7, 2, 40)
+
+
+def check_add_norm_and_silu_mul(dtype: torch.dtype, rows: int, dim: int, tolerance: float) -> None:
+    """The residual add + RMSNorm launch and the SwiGLU activation launch against the eager modules."""
+    from glmserve.model.mlp import silu_mul
+    from glmserve.model.norm import RMSNorm
+
+    norm = RMSNorm(dim, eps=1e-5).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(dim) + 0.5)
+    norm = norm.to(dtype)
+    x, delta = torch.randn(2, rows, dim, device=DEVICE).to(dtype)
+    total, normed = rms_norm.add_rms_norm_triton(x, delta, norm.weight, norm.eps)
+    ref_total, ref_normed = norm.add_forward(x, delta)
+    assert torch.equal(total, ref_total)  # one rounding of one add: exact
+    assert normed.dtype == ref_normed.dtype and relative_error(normed, ref_normed) < tolerance
+    gate_up = torch.randn(rows, 2 * dim, device=DEVICE).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)  # strided halves, as the packed GEMM's output
+    assert relative_error(activation.silu_mul_triton(gate, up), silu_mul(gate, up)) < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_add_rms_norm_and_silu_mul_interpreter(dtype):
+    check_add_norm_and_silu_mul(dtype, rows=5, dim=48, tolerance=1e-6 if dtype == torch.float32 else 2e-3)
 
 
 # ----------------------------------------------------------------------------------------------- RoPE, router
@@ -485,6 +511,7 @@ def test_rms_norm_bf16_gpu():
     norm = RMSNorm(6144).to(DEVICE, torch.bfloat16)
     x = torch.randn(33, 6144, device=DEVICE, dtype=torch.bfloat16)
     assert relative_error(rms_norm.rms_norm_triton(x, norm.weight, norm.eps), norm(x)) < 5e-3
+    check_add_norm_and_silu_mul(torch.bfloat16, rows=33, dim=6144, tolerance=5e-3)
 
 
 @gpu

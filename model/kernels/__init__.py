@@ -14,7 +14,6 @@ from glmserve.model.kernels.moe import (
     moe_experts_grouped_mm,
     moe_experts_reference,
     moe_experts_triton,
-    route_pairs,
     route_tokens,
 )
 from glmserve.model.kernels.paged_mla import (
@@ -52,7 +51,6 @@ __all__ = [
     "moe_experts_triton",
     "quantize_fp8_rows",
     "rms_norm_triton",
-    "route_pairs",
     "route_tokens",
     "topk_causal_logits",
     "topk_positions",

@@ -2,8 +2,9 @@
 
 Weights: w_gate_up [E, 2I, hidden] (rows 0..I-1 gate, I..2I-1 up), w_down [E, hidden, I]. The (token, slot)
 pairs are sorted by expert once; each expert's rows are cut into tiles of BLOCK_M, so a program does one expert's
-GEMM tile. Two paths: Triton grouped GEMMs (gate/up fused with SiLU*up, then down with the routing weight), and
-`torch._grouped_mm` where this torch has it. No host sync in either.
+GEMM tile (decode-sized batches skip the sort: a tile per pair). Two paths: Triton grouped GEMMs (gate/up fused
+with SiLU*up, then down with the routing weight, then one combine launch that sums each token's pairs and adds the
+shared expert and the residual), and `torch._grouped_mm` where this torch has it. No host sync in either.
 """
 
 from dataclasses import dataclass, replace
@@ -52,30 +53,20 @@ def route_tokens(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Expe
     )
 
 
-def route_pairs(topk_ids: torch.Tensor) -> ExpertRouting:
-    """One tile per (token, slot) pair, in place, without sorting: for batches so small that experts are rarely
-    shared (decode at small batch). A handful of launches instead of a sort and its bookkeeping; an expert picked by
-    two pairs has its weights read twice."""
-    num_tokens, k = topk_ids.shape
-    pairs = torch.arange(num_tokens * k, dtype=torch.int32, device=topk_ids.device)
-    return ExpertRouting(
-        order=pairs,
-        sorted_token=pairs // k,
-        counts=None,
-        tile_expert=topk_ids.flatten().to(torch.int32),
-        tile_row_start=pairs,
-        tile_row_end=pairs + 1,
-    )
-
-
 @triton.jit
-def _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, n_limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's tile: its expert (-1: an empty tile), its rows of the expert-sorted pairs and its columns."""
+def _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, n_limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          PAIRS: tl.constexpr):  # fmt: skip
+    """This program's tile: its expert (-1: an empty tile), its rows of the expert-sorted pairs and its columns.
+    With PAIRS, tile t is (token, slot) pair t alone, unsorted, and tile_expert_ptr holds the flat expert ids."""
     tile = tl.program_id(0)
-    offs_m = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(tile_row_end_ptr + tile)
+    if PAIRS:
+        offs_m = tile + tl.arange(0, BLOCK_M)
+        m_mask = tl.arange(0, BLOCK_M) < 1
+    else:
+        offs_m = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < tl.load(tile_row_end_ptr + tile)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return tl.load(tile_expert_ptr + tile), offs_m, m_mask, offs_n, offs_n < n_limit
+    return tl.load(tile_expert_ptr + tile).to(tl.int32), offs_m, m_mask, offs_n, offs_n < n_limit
 
 
 @triton.jit
@@ -93,16 +84,21 @@ def _gate_up_silu_kernel(
     stride_we,
     stride_wn,
     stride_an,
+    top_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     expert, offs_m, m_mask, offs_n, n_mask = _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, inter,
-                                                   BLOCK_M, BLOCK_N)  # fmt: skip
+                                                   BLOCK_M, BLOCK_N, PAIRS)  # fmt: skip
     if expert < 0:
         return
-    token = tl.load(row_token_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    if PAIRS:
+        token = (offs_m // top_k).to(tl.int64)
+    else:
+        token = tl.load(row_token_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + token[:, None] * stride_xn + offs_k[None, :]
     gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
@@ -140,9 +136,10 @@ def _down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     expert, offs_m, m_mask, offs_n, n_mask = _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, hidden,
-                                                   BLOCK_M, BLOCK_N)  # fmt: skip
+                                                   BLOCK_M, BLOCK_N, PAIRS)  # fmt: skip
     if expert < 0:
         return
     offs_k = tl.arange(0, BLOCK_K)
@@ -155,7 +152,7 @@ def _down_kernel(
         w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     # Each sorted row goes back to its (token, slot) place, scaled by its routing weight.
-    flat = tl.load(row_order_ptr + offs_m, mask=m_mask, other=0)
+    flat = offs_m if PAIRS else tl.load(row_order_ptr + offs_m, mask=m_mask, other=0)
     acc = acc * tl.load(route_weight_ptr + flat, mask=m_mask, other=0.0)[:, None]
     y_ptrs = y_ptr + flat[:, None] * stride_yn + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -185,6 +182,26 @@ def default_moe_launch(num_rows: int, num_experts: int, itemsize: int = 2) -> Mo
     return launch
 
 
+@triton.jit
+def _combine_kernel(y_ptr, shared_ptr, residual_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                    HAS_SHARED: tl.constexpr, HAS_RESIDUAL: tl.constexpr):  # fmt: skip
+    """out[n] = residual[n] + (sum_j y[n, j] + shared[n]), rounded to the output dtype after each step as the eager
+    sum and adds would round."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < hidden
+    dtype = out_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (token * TOP_K + j) * hidden + offs, mask=mask, other=0.0).to(tl.float32)
+    out = acc.to(dtype)
+    if HAS_SHARED:
+        out = (out.to(tl.float32) + tl.load(shared_ptr + token * hidden + offs, mask=mask).to(tl.float32)).to(dtype)
+    if HAS_RESIDUAL:
+        out = (tl.load(residual_ptr + token * hidden + offs, mask=mask).to(tl.float32) + out.to(tl.float32)).to(dtype)
+    tl.store(out_ptr + token * hidden + offs, out, mask=mask)
+
+
 def moe_experts_triton(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -192,35 +209,49 @@ def moe_experts_triton(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     launch: MoeLaunch | None = None,
+    shared: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed-expert output [N, hidden] through two Triton grouped GEMMs."""
+    """Routed-expert output [N, hidden] through two Triton grouped GEMMs and a combine launch, plus `shared` (the
+    shared expert's output) and then `residual` where given."""
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w_gate_up.shape
     inter = two_inter // 2
     k = topk_ids.shape[1]
     assert x.stride(-1) == 1 and w_gate_up.stride(-1) == 1 and w_down.stride(-1) == 1
     launch = launch or default_moe_launch(num_tokens * k, num_experts, x.element_size())
-    if num_tokens * k <= num_experts:  # so few pairs that sorting them by expert buys little
-        routing = route_pairs(topk_ids)
+    # So few pairs that sorting them by expert costs more launches than it saves: a tile per pair, in place.
+    pairs = num_tokens * k <= num_experts
+    if pairs:
+        ids = topk_ids.reshape(-1)
+        tiles, row_token, row_order = (ids, ids, ids), ids, ids  # the kernels read the ids alone
     else:
         routing = route_tokens(topk_ids, num_experts, launch.block_m)
-    num_tiles = routing.tile_expert.numel()
+        tiles = (routing.tile_expert, routing.tile_row_start, routing.tile_row_end)
+        row_token, row_order = routing.sorted_token, routing.order
+    num_tiles = tiles[0].numel()
     act = torch.empty(num_tokens * k, inter, dtype=x.dtype, device=x.device)
     _gate_up_silu_kernel[(num_tiles, triton.cdiv(inter, launch.block_n))](
-        x, w_gate_up, act, routing.sorted_token, routing.tile_expert, routing.tile_row_start, routing.tile_row_end,
-        hidden, inter, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        x, w_gate_up, act, row_token, *tiles, hidden, inter, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1),
+        act.stride(0), k, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
+        DOT_PRECISION=dot_precision(x.dtype), PAIRS=pairs, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     y = torch.empty(num_tokens * k, hidden, dtype=x.dtype, device=x.device)
-    route_weight = topk_weights.flatten().float().contiguous()
+    route_weight = topk_weights.reshape(-1).float().contiguous()
     _down_kernel[(num_tiles, triton.cdiv(hidden, launch.block_n))](
-        act, w_down, y, routing.order, route_weight, routing.tile_expert, routing.tile_row_start,
-        routing.tile_row_end, inter, hidden, act.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        act, w_down, y, row_order, route_weight, *tiles, inter, hidden, act.stride(0), w_down.stride(0),
+        w_down.stride(1), y.stride(0), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
+        DOT_PRECISION=dot_precision(x.dtype), PAIRS=pairs, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
-    return y.view(num_tokens, k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    out = torch.empty_like(x)
+    for name, t in (("shared", shared), ("residual", residual)):
+        assert t is None or (t.shape == x.shape and t.is_contiguous()), f"{name} must be a contiguous [N, hidden]"
+    block = min(triton.next_power_of_2(hidden), 1024)
+    _combine_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        y, shared if shared is not None else y, residual if residual is not None else y, out, hidden, TOP_K=k,
+        BLOCK=block, HAS_SHARED=shared is not None, HAS_RESIDUAL=residual is not None, num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 def moe_experts_grouped_mm(
@@ -277,7 +308,13 @@ def moe_experts(
     topk_weights: torch.Tensor,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
+    shared: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed-expert output [N, hidden]: Triton grouped GEMM on CUDA, the per-expert loop elsewhere."""
-    fn = moe_experts_triton if x.is_cuda else moe_experts_reference
-    return fn(x, topk_ids, topk_weights, w_gate_up, w_down)
+    """residual + (routed-expert output [N, hidden] + shared), each term where given: Triton grouped GEMMs on
+    CUDA, the per-expert loop elsewhere."""
+    if x.is_cuda:
+        return moe_experts_triton(x, topk_ids, topk_weights, w_gate_up, w_down, shared=shared, residual=residual)
+    out = moe_experts_reference(x, topk_ids, topk_weights, w_gate_up, w_down)
+    out = out if shared is None else out + shared
+    return out if residual is None else residual + out
