@@ -63,9 +63,17 @@ class PagedKVCache:
     def max_tokens(self) -> int:
         return self.num_blocks * self.spec.block_size
 
-    def write(self, layer: int, slots: torch.Tensor, latent_rows: torch.Tensor, index_rows: torch.Tensor | None):
-        """Store new tokens' rows at flat slot ids."""
-        self.latent[layer].view(-1, self.spec.latent_dim)[slots] = latent_rows.to(self.spec.dtype)
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        index_rows: torch.Tensor | None,
+    ) -> None:
+        """Store new tokens' rows at flat slot ids: the latent and the roped key side by side, and the index key."""
+        rows = torch.cat((latent, k_rope), dim=-1)
+        self.latent[layer].view(-1, self.spec.latent_dim)[slots] = rows.to(self.spec.dtype)
         if index_rows is not None:
             self.index_keys[layer].view(-1, self.spec.index_dim)[slots] = index_rows.to(self.spec.dtype)
 

@@ -9,6 +9,7 @@ routed experts through one grouped GEMM over weights packed once at load, RMSNor
 for pure decode steps. Elsewhere it runs plain PyTorch, the exact reference path.
 """
 
+import functools
 import itertools
 import logging
 from collections.abc import Callable
@@ -232,9 +233,13 @@ class ModelRunner:
             from .kernels import moe as moe_kernels  # Triton loads with the fused path only
 
             self.moe_kernels = moe_kernels
+        self.write_kv = cache.write
         if self.fused:
+            from .kernels import kv_write
+
             fuse_elementwise(model)
             pack_input_projections(model)
+            self.write_kv = functools.partial(kv_write.write_kv_triton, cache)
         self.topk_layers = topk_layers if topk_layers is not None else {
             i for i, layer in enumerate(model.model.layers) if layer.self_attn.indexer is not None
         }  # fmt: skip
@@ -354,7 +359,7 @@ class ModelRunner:
         attn = layer.self_attn
         p = attn.project(h, step.cos, step.sin)
         index_keys = attn.indexer.keys(h, step.cos, step.sin) if attn.indexer is not None else None
-        self.cache.write(i, step.slots, torch.cat((p.latent, p.k_rope), dim=-1), index_keys)
+        self.write_kv(i, step.slots, p.latent, p.k_rope, index_keys)
         if self.layer_hook is not None:
             self.layer_hook(i, step)
         if i in self.topk_layers and not reuse_topk:

@@ -8,7 +8,18 @@ block tables, several sequences of different lengths, positions on block boundar
 import pytest
 import torch
 
-from glmserve.model.kernels import activation, dsa_select, indexer, moe, paged_mla, rms_norm, rope, router, topk
+from glmserve.model.kernels import (
+    activation,
+    dsa_select,
+    indexer,
+    kv_write,
+    moe,
+    paged_mla,
+    rms_norm,
+    rope,
+    router,
+    topk,
+)
 from glmserve.model.kernels.paged import gather_rows, query_tiles
 
 CUDA = torch.cuda.is_available()
@@ -405,6 +416,28 @@ def check_add_norm_and_silu_mul(dtype: torch.dtype, rows: int, dim: int, toleran
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_add_rms_norm_and_silu_mul_interpreter(dtype):
     check_add_norm_and_silu_mul(dtype, rows=5, dim=48, tolerance=1e-6 if dtype == torch.float32 else 2e-3)
+
+
+# ----------------------------------------------------------------------------------------------- KV write
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_matches_cache_write(dtype):
+    """One launch stores latent | k_rope and the index key at the same slots as the eager scatter, on an indexer
+    layer and on a layer without an index pool; rows come strided (slices of one projection's output)."""
+    from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache
+
+    spec = KVCacheSpec(num_layers=2, latent_dim=48 + 16, index_dim=32, index_layers=(0,), dtype=dtype, block_size=4)
+    eager, fused = (PagedKVCache(spec, 6, DEVICE) for _ in range(2))
+    slots = torch.randperm(24, device=DEVICE)[:9]
+    kv_a = torch.randn(9, 48 + 16 + 8, device=DEVICE).to(dtype)
+    latent, k_rope = kv_a[:, :48], kv_a[:, 48:64]
+    index_rows = torch.randn(9, 32, device=DEVICE).to(dtype)
+    for layer, index in ((0, index_rows), (1, None)):
+        eager.write(layer, slots, latent, k_rope, index)
+        kv_write.write_kv_triton(fused, layer, slots, latent, k_rope, index)
+        assert torch.equal(fused.latent[layer], eager.latent[layer])
+    assert torch.equal(fused.index_keys[0], eager.index_keys[0]) and fused.index_keys[0].abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------- RoPE, router
