@@ -116,7 +116,7 @@ def topk_positions_triton(
         out.stride(0),
         num_cols,
         k,
-        BLOCK=block,
+        BLOCK=min(block, triton.next_power_of_2(num_cols)),  # a narrow row is not read in wider masked tiles
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
