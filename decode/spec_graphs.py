@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from glmserve.model.cuda_graphs import GraphCache, Step, context_bucket, padded_batch_size
+from glmserve.model.cuda_graphs import GraphBlockTables, GraphCache, Step, context_bucket, padded_batch_size
 from glmserve.model.model_runner import ModelRunner, SeqChunk
 from glmserve.model.mtp_drafter import MTPDrafter
 
@@ -46,7 +46,7 @@ class SpecDecodeGraphs:
         device = runner.device
         self.tokens = torch.zeros(max_batch, max_k + 1, dtype=torch.long, device=device)  # last token, then drafts
         self.meta = torch.zeros(2, max_batch, dtype=torch.long, device=device)  # start position, table row
-        self.block_tables = torch.zeros(max_batch, runner.tables.max_blocks, dtype=torch.int32, device=device)
+        self.block_tables = GraphBlockTables(runner, max_batch)
         self.graphs = GraphCache(capture)
 
     def accepts(self, chunks: list[SeqChunk]) -> bool:
@@ -66,14 +66,13 @@ class SpecDecodeGraphs:
         max_start = max(c.start_pos for c in chunks)
         verify_width = context_bucket(self.runner, max_start + q)
         draft_width = context_bucket(self.runner, max_start + q - 1 + num_drafts)
-        rows = self.runner.tables.rows_for([c.block_table for c in chunks])
         pad = size - n
+        rows = self.runner.tables.rows_for([c.block_table for c in chunks])
+        rows += [rows[-1]] * pad
         padded = [c.token_ids + [-1] * (q - len(c.token_ids)) for c in chunks]
         self.tokens[:size, :q].copy_(torch.tensor(padded + padded[-1:] * pad))
-        host = torch.tensor([[c.start_pos for c in chunks] + [chunks[-1].start_pos] * pad, rows + [rows[-1]] * pad])
-        self.meta[:, :size].copy_(host)
-        blocks = self._blocks(max(verify_width, draft_width))
-        self.block_tables[:size, :blocks] = self.runner.tables.table[self.meta[1, :size], :blocks]
+        self.meta[:, :size].copy_(torch.tensor([[c.start_pos for c in chunks] + [chunks[-1].start_pos] * pad, rows]))
+        self.block_tables.refresh(rows, self.meta[1, :size], self._blocks(max(verify_width, draft_width)))
         key = (size, q, num_drafts, verify_width, draft_width)
         graph, captured = self.graphs.get_or_capture(key, lambda: self._step(*key))
         target, accepted, drafts, hidden = graph.run()
@@ -100,8 +99,8 @@ class SpecDecodeGraphs:
         verify_plan = runner.index_plan(verify_starts, verify_width)
         draft_starts = list(range(size + 1))
         draft_plan = runner.index_plan(draft_starts, draft_width)
-        verify_tables = self.block_tables[:size, : self._blocks(verify_width)]
-        draft_tables = self.block_tables[:size, : self._blocks(draft_width)]
+        verify_tables = self.block_tables.tensor[:size, : self._blocks(verify_width)]
+        draft_tables = self.block_tables.tensor[:size, : self._blocks(draft_width)]
         offsets = torch.arange(q, device=device)
 
         def step() -> tuple[torch.Tensor, ...]:

@@ -31,6 +31,24 @@ def context_bucket(runner: ModelRunner, max_context: int) -> int:
     return min(1 << (max_context - 1).bit_length(), runner.tables.max_blocks * runner.cache.spec.block_size)
 
 
+class GraphBlockTables:
+    """The block tables captured steps read: rows copied from the runner's tables before a replay, unless the same
+    rows at the same width were copied last and no table changed since (most decode steps at small batch: a
+    sequence adds a block every block_size tokens)."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int):
+        self.source = runner.tables
+        self.tensor = torch.zeros(max_batch, runner.tables.max_blocks, dtype=torch.int32, device=runner.device)
+        self.copied: tuple | None = None
+
+    def refresh(self, rows: list[int], rows_on_device: torch.Tensor, blocks: int) -> None:
+        """Copy table rows `rows` (the same, on the device) into the first len(rows) rows, `blocks` wide."""
+        key = (tuple(rows), blocks, self.source.version)
+        if key != self.copied:
+            self.tensor[: len(rows), :blocks] = self.source.table[rows_on_device, :blocks]
+            self.copied = key
+
+
 class CapturedStep:
     """A captured step (or, without capture, the same step run eagerly on the same static inputs)."""
 
@@ -84,7 +102,7 @@ class DecodeGraphs:
         self.block_size = runner.cache.spec.block_size
         device = runner.device
         self.inputs = torch.zeros(3, max_batch, dtype=torch.long, device=device)  # token, position, table row
-        self.block_tables = torch.zeros(max_batch, runner.tables.max_blocks, dtype=torch.int32, device=device)
+        self.block_tables = GraphBlockTables(runner, max_batch)
         self.graphs = GraphCache(capture)
 
     def accepts(self, chunks: list[SeqChunk]) -> bool:
@@ -94,16 +112,16 @@ class DecodeGraphs:
         n = len(chunks)
         size = padded_batch_size(n, self.max_batch)
         width = context_bucket(self.runner, max(c.start_pos + 1 for c in chunks))
-        rows = self.runner.tables.rows_for([c.block_table for c in chunks])
         pad = size - n
+        rows = self.runner.tables.rows_for([c.block_table for c in chunks])
+        rows += [rows[-1]] * pad
         host = torch.tensor([
             [c.token_ids[0] for c in chunks] + [chunks[-1].token_ids[0]] * pad,
             [c.start_pos for c in chunks] + [chunks[-1].start_pos] * pad,
-            rows + [rows[-1]] * pad,
+            rows,
         ])  # fmt: skip
         self.inputs[:, :size].copy_(host)
-        blocks = -(-width // self.block_size)
-        self.block_tables[:size, :blocks] = self.runner.tables.table[self.inputs[2, :size], :blocks]
+        self.block_tables.refresh(rows, self.inputs[2, :size], -(-width // self.block_size))
         graph, _ = self.graphs.get_or_capture((size, width), lambda: self._step(size, width))
         logits, hidden = graph.run()
         hidden = hidden[:n].clone()
@@ -113,7 +131,7 @@ class DecodeGraphs:
         runner = self.runner
         device = runner.device
         ids, positions = self.inputs[0, :size], self.inputs[1, :size]
-        block_tables = self.block_tables[:size, : -(-width // self.block_size)]
+        block_tables = self.block_tables.tensor[:size, : -(-width // self.block_size)]
         query_start = list(range(size + 1))
         plan = runner.index_plan(query_start, width)
         rows = torch.arange(size, device=device)

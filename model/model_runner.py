@@ -91,6 +91,7 @@ class BlockTables:
         self.rows: dict[int, _TableRow] = {}  # id(list) -> its row
         self.free = list(range(rows))
         self.step = 0
+        self.version = 0  # changes whenever `table` or an entry of it does
 
     def rows_for(self, tables: list[list[int]]) -> list[int]:
         """Table rows holding these lists (copied in or brought up to date first)."""
@@ -114,6 +115,7 @@ class BlockTables:
         if new_values:
             update = torch.tensor([new_rows, new_cols, new_values], dtype=torch.long).to(self.table.device)
             self.table[update[0], update[1]] = update[2].to(torch.int32)
+            self.version += 1
         if self.step % self.EVICT_EVERY == 0:
             for key, entry in list(self.rows.items()):
                 if entry.seen <= self.step - self.EVICT_EVERY:
@@ -127,6 +129,7 @@ class BlockTables:
             grown[: self.table.shape[0]] = self.table
             self.free = list(range(self.table.shape[0], grown.shape[0]))
             self.table = grown
+            self.version += 1
         return self.free.pop()
 
 

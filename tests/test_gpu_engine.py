@@ -67,6 +67,31 @@ def test_block_tables_evict_idle_rows():
     assert id(idle) not in tables.rows and id(busy) in tables.rows
 
 
+def test_graph_block_tables_copy_again_only_after_a_change():
+    from types import SimpleNamespace
+
+    from glmserve.model.cuda_graphs import GraphBlockTables
+
+    tables = BlockTables(max_blocks=4, device=torch.device("cpu"), rows=2)
+    static = GraphBlockTables(SimpleNamespace(tables=tables, device=torch.device("cpu")), max_batch=2)
+    seq = [7, 3]
+
+    def refresh(blocks: int) -> None:
+        rows = tables.rows_for([seq])
+        static.refresh(rows, torch.tensor(rows), blocks)
+
+    refresh(2)
+    assert static.tensor[0, :2].tolist() == [7, 3]
+    static.tensor[0, 0] = -5  # a marker: an unchanged table is not copied again
+    refresh(2)
+    assert static.tensor[0, 0] == -5
+    refresh(3)  # wider: copied
+    assert static.tensor[0, :3].tolist() == [7, 3, 0]
+    seq.append(9)  # a new block
+    refresh(3)
+    assert static.tensor[0, :3].tolist() == [7, 3, 9]
+
+
 def test_index_chunk_plan_tiles_stay_within_a_sequence_and_a_launch():
     query_start = [0, 5, 6, 140, 141]
     ranges, first, starts, ends = index_chunk_plan(query_start, max_context=1000, block_s=64, max_bytes=4 * 1000 * 64)
