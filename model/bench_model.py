@@ -229,6 +229,21 @@ def decode_bytes(model: GlmForCausalLM, contexts: list[int], topk_layers: set[in
     return {"weights": dense + experts, "kv_latent": latent, "index_keys": index_keys}
 
 
+def launch_profile(run_steps: Callable[[int], object], steps: int = 8) -> str:
+    """Launches and kernel time per decode step (torch profiler over `steps` steps; graph replays list their
+    kernels): at batch 1 the step's time is mostly these launches, not bytes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run_steps(2)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_steps(steps)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_ms = sum(e.device_time_total for e in kernels) / 1e3
+    return f"{len(kernels) / steps:.0f} launches per step, {kernel_ms / steps:.3f} ms of kernel time"
+
+
 def _roofline_row(section, case, step_ms, bytes_read, ceilings, batch, note="") -> Row:
     total = sum(bytes_read.values())
     floor_ms = total / ceilings["copy_gbs"] / 1e6
@@ -300,7 +315,10 @@ def bench_small(rows: list[Row], ceilings: dict, quick: bool) -> None:
     step_s = _seconds(lambda: driver.decode(seq, 32)) / 32
     context = len(seq[0].tokens)
     bytes_read = decode_bytes(model, [context], runner.topk_layers)
-    rows.append(_roofline_row("288M", f"decode batch 1 step (ctx {context})", step_s * 1e3, bytes_read, ceilings, 1))
+    profile = launch_profile(lambda steps: driver.decode(seq, steps))
+    rows.append(_roofline_row(
+        "288M", f"decode batch 1 step (ctx {context})", step_s * 1e3, bytes_read, ceilings, 1, note=profile
+    ))  # fmt: skip
 
     prompts = _random_prompts(batch, prompt_len, config.vocab_size, seed=3)
     seqs = driver.prefill(prompts)
@@ -424,7 +442,7 @@ def bench_large(rows: list[Row], ceilings: dict, quick: bool, long_context: int)
     context = len(short[0].tokens)
     rows.append(_roofline_row(
         "large", f"decode batch 1 at {context / 1024:.0f}K context", step_ms,
-        decode_bytes(model, [context], on_layers), ceilings, 1,
+        decode_bytes(model, [context], on_layers), ceilings, 1, note=launch_profile(lambda n: driver.decode(short, n)),
     ))  # fmt: skip
     seqs = driver.prefill(_random_prompts(batch, batch_prompt, config.vocab_size, seed=8))
     driver.decode(seqs, 2)
