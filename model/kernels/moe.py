@@ -23,7 +23,7 @@ class ExpertRouting:
 
     order: torch.Tensor  # [N*k] flat (token * k + slot) index of each sorted row
     sorted_token: torch.Tensor  # [N*k] int32 token of each sorted row
-    counts: torch.Tensor | None  # [E] rows per expert (None from `route_pairs`, which does not count)
+    counts: torch.Tensor  # [E] rows per expert
     tile_expert: torch.Tensor  # [num_tiles] int32 expert of each tile, -1 for the unused tail
     tile_row_start: torch.Tensor  # [num_tiles] int32 first sorted row of the tile
     tile_row_end: torch.Tensor  # [num_tiles] int32 end of the tile's expert rows
