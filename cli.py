@@ -134,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     kvt.set_defaults(func=_bench_kvtransfer)
     kernels = bench.add_parser("kernels", help="Triton kernels vs their peers and the GPU's ceilings (CUDA)")
     kernels.add_argument("--output-json", default="bench_kernels.json")
-    kernels.set_defaults(func=lambda a: _run_quiet("glmserve.model.kernels.bench", "run_kernel_bench", a.output_json))
+    kernels.add_argument(
+        "--sections", nargs="+", default=None,
+        help="indexer, topk, topk_decode, mla_prefill, mla_decode, moe (default: all)",
+    )  # fmt: skip
+    kernels.set_defaults(
+        func=lambda a: _run_quiet("glmserve.model.kernels.bench", "run_kernel_bench", a.output_json, None, a.sections)
+    )
     model = bench.add_parser("model", help="engine prefill/decode vs transformers and the HBM roofline; 1M prefill")
     model.add_argument("--output-json", default="bench_model.json")
     model.add_argument("--sections", nargs="+", default=None, help="small, large, attention (default: all)")

@@ -19,6 +19,7 @@ from glmserve.model.kernels import (
     rope,
     router,
     topk,
+    topk_split,
 )
 from glmserve.model.kernels.paged import gather_rows, query_tiles
 
@@ -185,6 +186,23 @@ def test_topk_interpreter_ties():
     assert_same_selection(got, scores, query_pos, k)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_split_matches_one_program_radix_interpreter(ties):
+    """Rows cut into chunks select exactly what one program per row selects, in the same slots: short rows (all
+    keys, -1 padding), a threshold inside a chunk and across chunk boundaries, negative rows, many equal keys."""
+    k, cols = 64, 3000
+    query_pos = torch.tensor([0, 63, 64, 65, 511, 512, 1800, 2999, 2999], dtype=torch.int32, device=DEVICE)
+    if ties:
+        scores = torch.randint(-4, 5, (query_pos.numel(), cols), device=DEVICE).float() * 0.5
+        scores[0, :3] = -0.0
+    else:
+        scores = torch.randn(query_pos.numel(), cols, device=DEVICE)
+        scores[-1] = -scores[-1].abs() - 1.0
+    got = topk_split.topk_positions_split(scores, query_pos, k, chunk=512)
+    assert torch.equal(got, topk.topk_positions_triton(scores, query_pos, k, block=512, num_warps=4))
+    assert_same_selection(got, scores, query_pos, k)
+
+
 def test_topk_causal_logits_ties_go_to_lower_positions():
     k = 6
     scores = torch.tensor([
@@ -210,6 +228,14 @@ def test_topk_causal_logits_ties_go_to_lower_positions():
     scores[0, :5] = -0.0
     expected = torch.where(scores.gather(1, cpu_rule(scores, 32)) > float("-inf"), cpu_rule(scores, 32), -1)
     few = topk.topk_causal_logits_few_rows(scores, query_pos.int(), 32)
+    assert torch.equal(few.sort(dim=-1).values, expected.int().sort(dim=-1).values)
+    # Rows wider than one program takes: split across programs, same rule.
+    width = topk.RADIX_MAX_WIDTH + 2000
+    wide = torch.randn(2, width, device=DEVICE).relu() * torch.randint(0, 2, (2, width), device=DEVICE)
+    wide_pos = torch.tensor([width - 1, 20000], device=DEVICE)
+    wide = wide.masked_fill(torch.arange(width, device=DEVICE)[None, :] > wide_pos[:, None], float("-inf"))
+    expected = cpu_rule(wide, 256)
+    few = topk.topk_causal_logits_few_rows(wide, wide_pos.int(), 256)
     assert torch.equal(few.sort(dim=-1).values, expected.int().sort(dim=-1).values)
 
 
@@ -568,6 +594,20 @@ def test_topk_gpu():
     scores = torch.randn(query_pos.numel(), 100000, device=DEVICE)
     got = topk.topk_positions_triton(scores, query_pos, k)
     assert_same_selection(got, scores, query_pos, k)
+
+
+@gpu
+@pytest.mark.gpu
+def test_topk_split_wide_rows_gpu():
+    """Decode rows at 1M keys (ReLU-weighted scores: many exact zeros) take the split select: the same positions
+    as torch.topk's path, lower positions first among equal scores."""
+    k, cols = 2048, 1 << 20
+    query_pos = torch.tensor([1000, cols - 1, 700000, 40000], dtype=torch.int32, device=DEVICE)
+    scores = torch.randn(4, cols, device=DEVICE).relu() * torch.randn(4, cols, device=DEVICE)
+    scores = scores.masked_fill(torch.arange(cols, device=DEVICE)[None, :] > query_pos[:, None], float("-inf"))
+    got = topk.topk_causal_logits_few_rows(scores, query_pos, k)
+    assert_same_selection(got, scores, query_pos, k)
+    assert torch.equal(got, topk.topk_positions_triton(scores, query_pos, k))
 
 
 @gpu

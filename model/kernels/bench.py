@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, topk
+from glmserve.model.kernels import dsa_select, indexer, moe, paged_mla, topk, topk_split
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,29 @@ def bench_topk(timer: Timer, rows: list[Row], indexer_out: dict | None, ceilings
                 "topk", f"{name} (block {block}, {warps} warps)", ours_ms, gbs, "GB/s (one read)", "torch.topk",
                 torch_ms, scores.numel() * 4 / torch_ms / 1e6,
                 note=f"same set as torch: {same}; copy ceiling {ceilings['copy_gbs']:.0f} GB/s",
+            ))  # fmt: skip
+
+
+def bench_topk_decode(timer: Timer, rows: list[Row]) -> None:
+    """Decode rows (one query, 2048 of its causal keys; ReLU-weighted random scores, -inf past the query, as the
+    per-query indexer kernel writes them): both radix layouts against the torch.topk path, graphed as decode runs."""
+    k = 2048
+    for width in (8192, 32768, 131072, 1 << 20):
+        query_pos = torch.tensor([width - width // 8], dtype=torch.int32, device="cuda")  # inside its bucket
+        scores = torch.randn(1, width, device="cuda").relu() * torch.randn(1, width, device="cuda")
+        scores = scores.masked_fill(torch.arange(width, device="cuda")[None, :] > query_pos[:, None], float("-inf"))
+        torch_ms = timer.ms(lambda s=scores: topk.topk_causal_logits(s, k), graph=True)
+        expected = topk.topk_causal_logits(scores, k)
+        expected_values = scores.gather(1, expected.long()).sort(dim=-1).values
+        chosen = "one program" if width <= topk.RADIX_MAX_WIDTH else "split"
+        for name, fn in (("one program", topk.topk_positions_triton), ("split", topk_split.topk_positions_split)):
+            ours_ms = timer.ms(lambda s=scores, p=query_pos, fn=fn: fn(s, p, k), graph=True)
+            got = fn(scores, query_pos, k)
+            same = torch.equal(scores.gather(1, got.long()).sort(dim=-1).values, expected_values)
+            rows.append(Row(
+                "topk decode", f"2048 of {width // 1024}K keys, 1 row: radix, {name}", ours_ms,
+                peer="torch.topk path", peer_ms=torch_ms,
+                note=f"same values as torch: {same}" + ("; the decode path" if name == chosen else ""),
             ))  # fmt: skip
 
 
@@ -486,23 +509,34 @@ class BenchReport:
         return self.data
 
 
-def run_kernel_bench(out_json: str | Path, mla_contexts: list[int] | None = None) -> dict:
-    """Run every section (a failing one is recorded and skipped), print the table, write JSON to `out_json`."""
+SECTIONS = ("indexer", "topk", "topk_decode", "mla_prefill", "mla_decode", "moe")
+
+
+def run_kernel_bench(
+    out_json: str | Path, mla_contexts: list[int] | None = None, sections: list[str] | None = None
+) -> dict:
+    """Run the sections (all by default; a failing one is recorded and skipped), print the table, write JSON to
+    `out_json`. The top-k section selects from the indexer section's logits where that ran."""
     assert torch.cuda.is_available(), "the kernel benchmark needs a CUDA device"
     mla_contexts = mla_contexts or [8192, 32768, 131072, 524288]
     torch.manual_seed(0)
     timer = Timer()
-    report = BenchReport(out_json, "python -m glmserve.model.kernels.bench --out " + str(out_json))
+    command = f"python -m glmserve.model.kernels.bench --out {out_json}"
+    report = BenchReport(out_json, command + (" --sections " + " ".join(sections) if sections else ""))
     rows = report.rows
     ceilings = report.data["ceilings"] = bench_ceilings(timer, rows)
     indexer_out: dict = {}  # the indexer section's logits (512 MiB): the top-k section selects from them, then drops
-    report.run_sections([
+    chosen = set(sections or SECTIONS)
+    if chosen - set(SECTIONS):
+        raise ValueError(f"unknown sections {sorted(chosen - set(SECTIONS))}; choose from {SECTIONS}")
+    report.run_sections([(name, section) for name, section in [
         ("indexer", lambda: indexer_out.update(result=bench_indexer(timer, rows, ceilings))),
         ("topk", lambda: bench_topk(timer, rows, indexer_out.pop("result", None), ceilings)),
+        ("topk_decode", lambda: bench_topk_decode(timer, rows)),
         ("mla_prefill", lambda: bench_mla_prefill(timer, rows, mla_contexts)),
         ("mla_decode", lambda: bench_mla_decode(timer, rows, ceilings)),
         ("moe", lambda: bench_moe(timer, rows, ceilings)),
-    ])  # fmt: skip
+    ] if name in chosen])  # fmt: skip
     return report.finish()
 
 
@@ -510,9 +544,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_kernels.json", help="where to write the JSON report")
     parser.add_argument("--mla-contexts", type=int, nargs="*", help="prompt lengths for the MLA prefill section")
+    parser.add_argument("--sections", nargs="*", choices=SECTIONS, help="run only these sections (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    run_kernel_bench(args.out, args.mla_contexts)
+    run_kernel_bench(args.out, args.mla_contexts, args.sections)
 
 
 if __name__ == "__main__":

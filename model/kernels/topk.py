@@ -6,8 +6,9 @@ above that threshold and as many keys equal to it as k needs. Rows with at most 
 Output: int32 [S, k] positions, in no particular order, -1 after the selected ones.
 
 Where it is used: decode and MTP verification, a few rows of at most `RADIX_MAX_WIDTH` keys, where torch.topk sorts
-each row while this kernel reads it five times. On long prefill rows it is slower than torch.topk on the H200
-(`glmserve bench kernels`: one program per row, unpipelined loads), so prefill keeps torch.
+each row while this kernel reads it five times; wider decode rows are split across programs (`topk_split.py`). On
+long prefill rows it is slower than torch.topk on the H200 (`glmserve bench kernels`: one program per row,
+unpipelined loads), so prefill keeps torch.
 """
 
 import torch
@@ -15,18 +16,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from glmserve.model.kernels.topk_split import ordered_key, topk_positions_split
+
 TOPK_BLOCK = 4096
 TOPK_NUM_WARPS = 8
-# Widest indexer-logits row (keys) the decode path selects from with the radix kernel; wider rows take torch.topk.
+# Widest indexer-logits row (keys) the decode path gives one program; wider rows are split (`topk_split.py`).
 RADIX_MAX_WIDTH = 32768
-
-
-@triton.jit
-def _ordered_key(x):
-    """int32 keys whose signed order is the float order: flip the magnitude bits of negative floats. -0.0 is
-    read as 0.0 (torch.topk holds them equal)."""
-    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
@@ -61,7 +56,7 @@ def _radix_topk_kernel(
             hist = tl.zeros([256], dtype=tl.int32)
             for start in range(0, n_valid, BLOCK):
                 mask = start + offs < n_valid
-                key = _ordered_key(tl.load(row_ptr + start + offs, mask=mask, other=0.0))
+                key = ordered_key(tl.load(row_ptr + start + offs, mask=mask, other=0.0))
                 if digit_index == 0:
                     digit = (key >> 24) + 128  # the sign byte, biased so 0..255 follows signed order
                 else:
@@ -82,7 +77,7 @@ def _radix_topk_kernel(
         num_equal = tl.zeros([], dtype=tl.int32)
         for start in range(0, n_valid, BLOCK):
             mask = start + offs < n_valid
-            key = _ordered_key(tl.load(row_ptr + start + offs, mask=mask, other=0.0))
+            key = ordered_key(tl.load(row_ptr + start + offs, mask=mask, other=0.0))
             above = mask & (key > prefix)
             equal = mask & (key == prefix)
             above_rank = num_above + tl.cumsum(above.to(tl.int32), axis=0) - 1
@@ -155,11 +150,12 @@ def topk_causal_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_causal_logits_few_rows(logits: torch.Tensor, query_pos: torch.Tensor, k: int) -> torch.Tensor:
-    """`topk_causal_logits` for steps of a few queries per sequence (decode, MTP verification): the radix kernel on
-    rows of at most RADIX_MAX_WIDTH keys, reading only each query's causal keys. The same positions are chosen
-    (lower position wins among equal scores), in position order rather than best first."""
+    """`topk_causal_logits` for steps of a few queries per sequence (decode, MTP verification): the radix select,
+    one program per row up to RADIX_MAX_WIDTH keys, each row split across programs beyond (`topk_split.py`),
+    reading only each query's causal keys. The same positions are chosen (lower position wins among equal scores),
+    not best first."""
     if logits.shape[-1] > RADIX_MAX_WIDTH:
-        return topk_causal_logits(logits, k)
+        return topk_positions_split(logits, query_pos, k)
     return topk_positions_triton(logits, query_pos, k)
 
 
