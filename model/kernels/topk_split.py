@@ -49,6 +49,7 @@ def _chunk_histogram_kernel(
     num_chunks,
     k,
     CHUNK: tl.constexpr,
+    BINS: tl.constexpr,
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
     FIRST: tl.constexpr,
@@ -76,6 +77,7 @@ def _pick_digit_kernel(
     num_cols,
     num_chunks,
     k,
+    BINS: tl.constexpr,
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
     FIRST: tl.constexpr,
@@ -83,39 +85,42 @@ def _pick_digit_kernel(
 ):
     """state [S, 2]: (prefix: the digits found so far, remaining: how many keys matching it still belong to the
     top k). above [S, chunks]: per chunk, the keys above the prefix found so far; on the last level it becomes the
-    exclusive offsets of each chunk's keys above the threshold, and equal [S, chunks] those of keys equal to it."""
+    exclusive offsets of each chunk's keys above the threshold, and equal [S, chunks] those of keys equal to it.
+    Rows with at most k causal keys (all selected) are left alone."""
     row = tl.program_id(0)
-    if tl.minimum(tl.load(query_pos_ptr + row) + 1, num_cols) <= k:
-        return  # every causal key is selected: nothing to find
-    bins = tl.arange(0, BINS)
-    hist_row = hist_ptr + row.to(tl.int64) * num_chunks * BINS
-    total = tl.zeros([BINS], dtype=tl.int32)
-    for chunk in range(num_chunks):
-        total += tl.load(hist_row + chunk * BINS + bins)
-    remaining = k if FIRST else tl.load(state_ptr + row * 2 + 1)
-    at_or_above = tl.sum(total, axis=0) - tl.cumsum(total, axis=0) + total
-    chosen = tl.max(tl.where(at_or_above >= remaining, bins, -1), axis=0)
-    remaining -= tl.sum(tl.where(bins == chosen, at_or_above - total, 0), axis=0)
-    if FIRST:
-        prefix = (chosen - (1 << (BITS - 1))) << SHIFT
-    else:
-        prefix = tl.load(state_ptr + row * 2) | (chosen << SHIFT)
-    tl.store(state_ptr + row * 2, prefix)
-    tl.store(state_ptr + row * 2 + 1, remaining)
-    above_offset = tl.zeros([], dtype=tl.int32)
-    equal_offset = tl.zeros([], dtype=tl.int32)
-    for chunk in range(num_chunks):
-        counts = tl.load(hist_row + chunk * BINS + bins)
-        above = tl.sum(tl.where(bins > chosen, counts, 0), axis=0)
-        if not FIRST:
-            above += tl.load(above_ptr + row * num_chunks + chunk)
-        if LAST:  # the running counts become offsets
-            tl.store(above_ptr + row * num_chunks + chunk, above_offset)
-            tl.store(equal_ptr + row * num_chunks + chunk, equal_offset)
-            above_offset += above
-            equal_offset += tl.sum(tl.where(bins == chosen, counts, 0), axis=0)
+    if tl.minimum(tl.load(query_pos_ptr + row) + 1, num_cols) > k:
+        bins = tl.arange(0, BINS)
+        hist_row = hist_ptr + row.to(tl.int64) * num_chunks * BINS
+        total = tl.zeros([BINS], dtype=tl.int32)
+        for chunk in range(num_chunks):
+            total += tl.load(hist_row + chunk * BINS + bins)
+        if FIRST:
+            remaining = k
         else:
-            tl.store(above_ptr + row * num_chunks + chunk, above)
+            remaining = tl.load(state_ptr + row * 2 + 1)
+        at_or_above = tl.sum(total, axis=0) - tl.cumsum(total, axis=0) + total
+        chosen = tl.max(tl.where(at_or_above >= remaining, bins, -1), axis=0)
+        remaining -= tl.sum(tl.where(bins == chosen, at_or_above - total, 0), axis=0)
+        if FIRST:
+            prefix = (chosen - (1 << (BITS - 1))) << SHIFT
+        else:
+            prefix = tl.load(state_ptr + row * 2) | (chosen << SHIFT)
+        tl.store(state_ptr + row * 2, prefix)
+        tl.store(state_ptr + row * 2 + 1, remaining)
+        above_offset = tl.zeros([], dtype=tl.int32)
+        equal_offset = tl.zeros([], dtype=tl.int32)
+        for chunk in range(num_chunks):
+            counts = tl.load(hist_row + chunk * BINS + bins)
+            above = tl.sum(tl.where(bins > chosen, counts, 0), axis=0)
+            if not FIRST:
+                above += tl.load(above_ptr + row * num_chunks + chunk)
+            if LAST:  # the running counts become offsets
+                tl.store(above_ptr + row * num_chunks + chunk, above_offset)
+                tl.store(equal_ptr + row * num_chunks + chunk, equal_offset)
+                above_offset += above
+                equal_offset += tl.sum(tl.where(bins == chosen, counts, 0), axis=0)
+            else:
+                tl.store(above_ptr + row * num_chunks + chunk, above)
 
 
 @triton.jit
@@ -142,18 +147,18 @@ def _write_picks_kernel(
             for start in range(0, k, BLOCK_K):
                 offs_k = start + tl.arange(0, BLOCK_K)
                 tl.store(out_row + offs_k, tl.where(offs_k < n_valid, offs_k, -1), mask=offs_k < k)
-        return
-    threshold = tl.load(state_ptr + row * 2)
-    remaining = tl.load(state_ptr + row * 2 + 1)  # keys equal to the threshold that belong to the top k
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    mask = offs < n_valid
-    key = ordered_key(tl.load(scores_ptr + row.to(tl.int64) * stride_s + offs, mask=mask, other=0.0))
-    above = mask & (key > threshold)
-    equal = mask & (key == threshold)
-    above_rank = tl.load(above_ptr + row * num_chunks + chunk) + tl.cumsum(above.to(tl.int32), axis=0) - 1
-    equal_rank = tl.load(equal_ptr + row * num_chunks + chunk) + tl.cumsum(equal.to(tl.int32), axis=0) - 1
-    tl.store(out_row + above_rank, offs, mask=above)
-    tl.store(out_row + k - remaining + equal_rank, offs, mask=equal & (equal_rank < remaining))
+    else:
+        threshold = tl.load(state_ptr + row * 2)
+        remaining = tl.load(state_ptr + row * 2 + 1)  # keys equal to the threshold that belong to the top k
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        mask = offs < n_valid
+        key = ordered_key(tl.load(scores_ptr + row.to(tl.int64) * stride_s + offs, mask=mask, other=0.0))
+        above = mask & (key > threshold)
+        equal = mask & (key == threshold)
+        above_rank = tl.load(above_ptr + row * num_chunks + chunk) + tl.cumsum(above.to(tl.int32), axis=0) - 1
+        equal_rank = tl.load(equal_ptr + row * num_chunks + chunk) + tl.cumsum(equal.to(tl.int32), axis=0) - 1
+        tl.store(out_row + above_rank, offs, mask=above)
+        tl.store(out_row + k - remaining + equal_rank, offs, mask=equal & (equal_rank < remaining))
 
 
 def chunk_size(num_cols: int) -> int:
@@ -183,11 +188,11 @@ def topk_positions_split(
         first, last = level == 0, level == len(LEVELS) - 1
         _chunk_histogram_kernel[grid](
             scores, query_pos, state, hist, scores.stride(0), num_cols, num_chunks, k,
-            CHUNK=chunk, SHIFT=shift, BITS=bits, FIRST=first, num_warps=num_warps,
+            CHUNK=chunk, BINS=BINS, SHIFT=shift, BITS=bits, FIRST=first, num_warps=num_warps,
         )  # fmt: skip
         _pick_digit_kernel[(num_rows,)](
             query_pos, state, hist, above, equal, num_cols, num_chunks, k,
-            SHIFT=shift, BITS=bits, FIRST=first, LAST=last, num_warps=num_warps,
+            BINS=BINS, SHIFT=shift, BITS=bits, FIRST=first, LAST=last, num_warps=num_warps,
         )  # fmt: skip
     _write_picks_kernel[grid](
         scores, query_pos, state, above, equal, out, scores.stride(0), out.stride(0), num_cols, num_chunks, k,
