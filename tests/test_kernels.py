@@ -230,7 +230,7 @@ def test_topk_causal_logits_ties_go_to_lower_positions():
     few = topk.topk_causal_logits_few_rows(scores, query_pos.int(), 32)
     assert torch.equal(few.sort(dim=-1).values, expected.int().sort(dim=-1).values)
     # Rows wider than one program takes: split across programs, same rule.
-    width = topk.RADIX_MAX_WIDTH + 2000
+    width = topk.ONE_PROGRAM_MAX_WIDTH + 2000
     wide = torch.randn(2, width, device=DEVICE).relu() * torch.randint(0, 2, (2, width), device=DEVICE)
     wide_pos = torch.tensor([width - 1, 20000], device=DEVICE)
     wide = wide.masked_fill(torch.arange(width, device=DEVICE)[None, :] > wide_pos[:, None], float("-inf"))
@@ -598,14 +598,15 @@ def test_topk_gpu():
 
 @gpu
 @pytest.mark.gpu
-def test_topk_split_wide_rows_gpu():
-    """Decode rows at 1M keys (ReLU-weighted scores: many exact zeros) take the split select: the same positions
-    as torch.topk's path, lower positions first among equal scores."""
-    k, cols = 2048, 1 << 20
-    query_pos = torch.tensor([1000, cols - 1, 700000, 40000], dtype=torch.int32, device=DEVICE)
+@pytest.mark.parametrize("cols", [topk.SPLIT_MAX_WIDTH, 1 << 20])
+def test_topk_split_wide_rows_gpu(cols):
+    """Wide decode rows (ReLU-weighted scores: many exact zeros) split across programs: the same positions in the
+    same slots as one program per row, lower positions first among equal scores."""
+    k = 2048
+    query_pos = torch.tensor([1000, cols - 1, cols * 2 // 3, 3000], dtype=torch.int32, device=DEVICE)
     scores = torch.randn(4, cols, device=DEVICE).relu() * torch.randn(4, cols, device=DEVICE)
     scores = scores.masked_fill(torch.arange(cols, device=DEVICE)[None, :] > query_pos[:, None], float("-inf"))
-    got = topk.topk_causal_logits_few_rows(scores, query_pos, k)
+    got = topk_split.topk_positions_split(scores, query_pos, k)
     assert_same_selection(got, scores, query_pos, k)
     assert torch.equal(got, topk.topk_positions_triton(scores, query_pos, k))
 

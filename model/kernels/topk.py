@@ -5,10 +5,11 @@ histogram of the keys that still match the prefix found so far); one last pass w
 above that threshold and as many keys equal to it as k needs. Rows with at most k causal keys take them all.
 Output: int32 [S, k] positions, in no particular order, -1 after the selected ones.
 
-Where it is used: decode and MTP verification, a few rows of at most `RADIX_MAX_WIDTH` keys, where torch.topk sorts
-each row while this kernel reads it five times; wider decode rows are split across programs (`topk_split.py`). On
-long prefill rows it is slower than torch.topk on the H200 (`glmserve bench kernels`: one program per row,
-unpipelined loads), so prefill keeps torch.
+Where it is used: decode and MTP verification, a few rows of at most `ONE_PROGRAM_MAX_WIDTH` keys, where torch.topk
+sorts each row while this kernel reads it five times; rows up to `SPLIT_MAX_WIDTH` are split across programs
+(`topk_split.py`); wider rows, and long prefill rows, keep torch.topk (`glmserve bench kernels --sections topk
+topk_decode` on the H200: one program per row is 3.4x torch's speed on an 8K-key decode row, the split kernel 1.8x
+on a 32K-key row, and both lose from 128K keys on).
 """
 
 import torch
@@ -20,8 +21,10 @@ from glmserve.model.kernels.topk_split import ordered_key, topk_positions_split
 
 TOPK_BLOCK = 4096
 TOPK_NUM_WARPS = 8
-# Widest indexer-logits row (keys) the decode path gives one program; wider rows are split (`topk_split.py`).
-RADIX_MAX_WIDTH = 32768
+# Widest indexer-logits rows (keys) the decode path selects from with one program per row, then split across
+# programs; wider rows take torch.topk.
+ONE_PROGRAM_MAX_WIDTH = 16384
+SPLIT_MAX_WIDTH = 32768
 
 
 @triton.jit
@@ -150,13 +153,16 @@ def topk_causal_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_causal_logits_few_rows(logits: torch.Tensor, query_pos: torch.Tensor, k: int) -> torch.Tensor:
-    """`topk_causal_logits` for steps of a few queries per sequence (decode, MTP verification): the radix select,
-    one program per row up to RADIX_MAX_WIDTH keys, each row split across programs beyond (`topk_split.py`),
-    reading only each query's causal keys. The same positions are chosen (lower position wins among equal scores),
-    not best first."""
-    if logits.shape[-1] > RADIX_MAX_WIDTH:
+    """`topk_causal_logits` for steps of a few queries per sequence (decode, MTP verification): the radix select
+    (one program per row, or each row split across programs) on rows of at most SPLIT_MAX_WIDTH keys, reading only
+    each query's causal keys; the same positions are chosen (lower position wins among equal scores), not best
+    first. Wider rows take `topk_causal_logits`."""
+    width = logits.shape[-1]
+    if width <= ONE_PROGRAM_MAX_WIDTH:
+        return topk_positions_triton(logits, query_pos, k)
+    if width <= SPLIT_MAX_WIDTH:
         return topk_positions_split(logits, query_pos, k)
-    return topk_positions_triton(logits, query_pos, k)
+    return topk_causal_logits(logits, k)
 
 
 def topk_positions(scores: torch.Tensor, query_pos: torch.Tensor, k: int) -> torch.Tensor:
