@@ -9,11 +9,11 @@ __all__ = ["LLM", "SamplingParams"]
 
 def __getattr__(name: str):
     if name == "LLM":
-        from glmserve.decode.llm import LLM
+        from glmserve.engine import LLM
 
         return LLM
     if name == "SamplingParams":
-        from glmserve.model.sampling_params import SamplingParams
+        from glmserve.engine import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'glmserve' has no attribute {name!r}")

@@ -27,7 +27,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train_tiny(args: argparse.Namespace) -> int:
-    from glmserve.model.train_tiny import main as train_main
+    from glmserve.train.train_tiny import main as train_main
 
     train_main(args.rest)
     return 0
@@ -40,14 +40,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    from glmserve.cluster.bench_serve import run_bench_serve
+    from glmserve.bench.serve import run_bench_serve
 
     run_bench_serve(args)
     return 0
 
 
 def _bench_kvtransfer(args: argparse.Namespace) -> int:
-    from glmserve.kvtransfer.bench import run_bench
+    from glmserve.bench.kvtransfer import run_bench
 
     run_bench(args)
     return 0
@@ -62,7 +62,7 @@ def _run_quiet(module: str, function: str, *args) -> int:
 
 
 def _bench_mtp(args: argparse.Namespace) -> int:
-    from glmserve.decode.bench_mtp import run_bench_mtp
+    from glmserve.bench.mtp import run_bench_mtp
 
     run_bench_mtp(
         args.model,
@@ -77,21 +77,21 @@ def _bench_mtp(args: argparse.Namespace) -> int:
 
 
 def _bench_router(args: argparse.Namespace) -> int:
-    from glmserve.cluster.bench_router import run_bench_router
+    from glmserve.bench.router import run_bench_router
 
     run_bench_router(args.num_requests, args.port, args.output_json)
     return 0
 
 
 def _bench_goodput(args: argparse.Namespace) -> int:
-    from glmserve.cluster.bench_goodput import run_from_args
+    from glmserve.bench.goodput import run_from_args
 
     run_from_args(args)
     return 0
 
 
 def _bench_scheduler(args: argparse.Namespace) -> int:
-    from glmserve.decode.bench_scheduler import run_bench_scheduler
+    from glmserve.bench.scheduler import run_bench_scheduler
 
     run_bench_scheduler(args.num_seqs, tuple(args.contexts), args.steps, args.output_json)
     return 0
@@ -122,12 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: each prints a table and writes JSON").add_subparsers(
         dest="bench", required=True
     )
-    from glmserve.cluster.bench_serve import add_bench_serve_args
+    from glmserve.bench.serve import add_bench_serve_args
 
     bench_serve = bench.add_parser("serve", help="load an OpenAI-compatible server: TTFT/TPOT/ITL/E2E, goodput")
     add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=_bench_serve)
-    from glmserve.kvtransfer.bench import add_bench_args as add_kvtransfer_args
+    from glmserve.bench.kvtransfer import add_bench_args as add_kvtransfer_args
 
     kvt = bench.add_parser("kvtransfer", help="KV transfer throughput (tcp loopback; cuda_ipc vs the copy ceiling)")
     add_kvtransfer_args(kvt)
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="indexer, topk, topk_decode, mla_prefill, mla_decode, moe (default: all)",
     )  # fmt: skip
     kernels.set_defaults(
-        func=lambda a: _run_quiet("glmserve.model.kernels.bench", "run_kernel_bench", a.output_json, None, a.sections)
+        func=lambda a: _run_quiet("glmserve.bench.kernels", "run_kernel_bench", a.output_json, None, a.sections)
     )
     model = bench.add_parser("model", help="engine prefill/decode vs transformers and the HBM roofline; 1M prefill")
     model.add_argument("--output-json", default="bench_model.json")
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--long-context", type=int, default=1 << 20)
     model.set_defaults(
         func=lambda a: _run_quiet(
-            "glmserve.model.bench_model", "run_model_bench", a.output_json, a.sections, a.quick, a.long_context
+            "glmserve.bench.model", "run_model_bench", a.output_json, a.sections, a.quick, a.long_context
         )
     )
     mtp = bench.add_parser("mtp", help="MTP acceptance and speedup on held-out code vs no speculation")
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--port", type=int, default=8123)
     router.add_argument("--output-json", default="bench_router.json")
     router.set_defaults(func=_bench_router)
-    from glmserve.cluster.bench_goodput import add_bench_goodput_args
+    from glmserve.bench.goodput import add_bench_goodput_args
 
     goodput = bench.add_parser("goodput", help="disaggregated vs colocated goodput on the same devices (DistServe)")
     add_bench_goodput_args(goodput)

@@ -4,7 +4,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from glmserve.decode.outputs import Logprob
+from glmserve.engine.outputs import Logprob
 
 from .reasoning_parser import ReasoningStreamParser
 from .response_models import ChatDelta, ChatTokenLogprob, DeltaFunctionCall, DeltaToolCall, TopLogprob

@@ -8,13 +8,13 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from glmserve.decode.async_engine import EngineDeadError
-from glmserve.decode.outputs import CompletionDelta, RequestOutput
-from glmserve.decode.request import EngineRequest
-from glmserve.decode.server import RemotePrefillFailed
-from glmserve.decode.validation import InvalidRequest, validate_request
+from glmserve.engine.async_engine import EngineDeadError
+from glmserve.engine.outputs import CompletionDelta, RequestOutput
+from glmserve.engine.remote import RemotePrefillFailed
+from glmserve.engine.request import EngineRequest
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.validation import InvalidRequest, validate_request
 from glmserve.model.chat_template import ChatTemplateError
-from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
 
 from .chat_assembler import ChoiceAssembler, chat_logprobs, finish_reason

@@ -18,11 +18,11 @@ from ray.serve.handle import DeploymentHandle
 
 from glmserve.api.app import create_app
 from glmserve.api.openai_server import OpenAIServer
-from glmserve.decode.request import EngineRequest
 from glmserve.decode.server import DecodeWorker
+from glmserve.engine.remote import PrefillRequest, PrefillResult
+from glmserve.engine.request import EngineRequest
 from glmserve.model.default_checkpoint import default_checkpoint
 from glmserve.model.tokenizer import Tokenizer
-from glmserve.prefill.request import PrefillRequest, PrefillResult
 from glmserve.prefill.worker import PrefillWorker
 
 from . import serve_env, stats_board

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import ray
 
-from glmserve.decode.engine import LLMEngine, RemotePrefill
-from glmserve.decode.engine_args import EngineArgs
-from glmserve.decode.outputs import RequestOutput
+from glmserve.engine.engine_args import EngineArgs
+from glmserve.engine.llm_engine import LLMEngine
+from glmserve.engine.outputs import RequestOutput
+from glmserve.engine.remote import RemotePrefill
 from glmserve.kvtransfer.completion import Completion
 from glmserve.kvtransfer.errors import TransferFailed
 from glmserve.kvtransfer.receiver import KVReceiver
-from glmserve.prefill.worker import transfer_layout
 
 from .rank_group import RankProcess
 
@@ -123,7 +123,7 @@ class EngineRankProcess(RankProcess):
     def open_receiver(self, host: str | None) -> str:
         """Start this rank's KV receiver (once) on `host`, default this node's address; its address."""
         if self.receiver is None:
-            layout, latent, index_keys = transfer_layout(self.engine)
+            layout, latent, index_keys = self.engine.transfer_layout()
             self.receiver = KVReceiver(layout, latent, index_keys, host=host or ray.util.get_node_ip_address())
         return self.receiver.address
 

@@ -19,14 +19,14 @@ import random
 
 import ray
 
-from glmserve.decode.async_engine import EngineDeadError
-from glmserve.decode.engine import RemotePrefill
-from glmserve.decode.engine_args import EngineArgs
-from glmserve.decode.outputs import Logprob, RequestOutput
-from glmserve.decode.validation import check_new_request
+from glmserve.engine.async_engine import EngineDeadError
+from glmserve.engine.engine_args import EngineArgs
+from glmserve.engine.outputs import Logprob, RequestOutput
+from glmserve.engine.remote import RemotePrefill
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.validation import check_new_request
 from glmserve.model.default_checkpoint import default_checkpoint
 from glmserve.model.parallel import ParallelConfig
-from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
 
 from .engine_rank import Command, EngineRank, RankStep

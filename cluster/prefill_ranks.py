@@ -23,10 +23,10 @@ import logging
 
 import ray
 
-from glmserve.decode.async_engine import AsyncEngine
-from glmserve.decode.engine_args import EngineArgs
+from glmserve.engine.async_engine import AsyncEngine
+from glmserve.engine.engine_args import EngineArgs
+from glmserve.engine.remote import PrefillRequest
 from glmserve.kvtransfer.sender import MirroredTransfer, OutgoingTransfer
-from glmserve.prefill.request import PrefillRequest
 from glmserve.prefill.worker import KVStreams, PrefillWorker, prefill_stats
 
 from .engine_rank import EngineRankProcess, RankStep

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayError
 
-from glmserve.decode.engine import RemotePrefill
+from glmserve.engine.remote import RemotePrefill
 from glmserve.kvtransfer.completion import Completion
 from glmserve.kvtransfer.errors import FailureKind, PeerLost, TransferAborted, TransferFailed
 from glmserve.kvtransfer.stats import ReceiverStats

@@ -7,7 +7,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from glmserve.decode.engine_args import EngineArgs
+from glmserve.engine.engine_args import EngineArgs
 
 
 class Autoscaling(BaseModel):

@@ -4,11 +4,10 @@ tensor/expert-parallel replica, the receivers of all its ranks (`glmserve.cluste
 import asyncio
 from typing import Protocol
 
+from glmserve.engine.remote import RemotePrefill
 from glmserve.kvtransfer.completion import Completion
 from glmserve.kvtransfer.receiver import KVReceiver
 from glmserve.kvtransfer.stats import ReceiverStats
-
-from .engine import RemotePrefill
 
 
 class KVDestination(Protocol):

@@ -14,28 +14,23 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
+from glmserve.engine.async_engine import AsyncEngine
+from glmserve.engine.block_manager import block_hash
+from glmserve.engine.engine_args import EngineArgs
+from glmserve.engine.llm_engine import LLMEngine
+from glmserve.engine.outputs import Logprob, RequestOutput
+from glmserve.engine.protocol import Engine
+from glmserve.engine.remote import PrefillRequest, RemotePrefill, RemotePrefillFailed
+from glmserve.engine.request import EngineRequest
 from glmserve.kvtransfer.completion import Completion
 from glmserve.kvtransfer.errors import TransferFailed
 from glmserve.kvtransfer.receiver import KVReceiver
-from glmserve.model.block_manager import block_hash
-from glmserve.prefill.request import PrefillRequest
-from glmserve.prefill.worker import transfer_layout
 
-from .async_engine import AsyncEngine
-from .engine import LLMEngine, RemotePrefill
-from .engine_args import EngineArgs
-from .engine_protocol import Engine
 from .kv_destination import KVDestination, LocalReceiver
-from .outputs import Logprob, RequestOutput
-from .request import EngineRequest
 
 log = logging.getLogger(__name__)
 
 PrefillCall = Callable[[PrefillRequest], Awaitable[object]]
-
-
-class RemotePrefillFailed(RuntimeError):
-    """The prompt's KV never arrived and the policy is to fail rather than recompute."""
 
 
 class DecodeWorker:
@@ -63,7 +58,7 @@ class DecodeWorker:
         self.on_failure = on_failure
         self.receiver = receiver
         if prefill is not None and receiver is None:
-            layout, latent, index_keys = transfer_layout(self.engine)
+            layout, latent, index_keys = self.engine.transfer_layout()
             self.receiver = LocalReceiver(KVReceiver(layout, latent, index_keys, host=host))
         self.remote_prefills = self.local_fallbacks = 0
 

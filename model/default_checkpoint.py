@@ -1,5 +1,5 @@
 """The embedded default checkpoint, glm5-tiny: config, tokenizer, chat template and trained weights ship in the
-package (`python -m glmserve.model.train_tiny` made them; see the model card beside them). A checkout without the
+package (`python -m glmserve.train.train_tiny` made them; see the model card beside them). A checkout without the
 weights file falls back to weights drawn deterministically from a seed, cached outside the repository.
 """
 

@@ -21,35 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from glmserve.decode.async_engine import AsyncEngine, EngineDeadError
-from glmserve.decode.engine import LLMEngine
-from glmserve.decode.engine_args import EngineArgs
+from glmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from glmserve.engine.engine_args import EngineArgs
+from glmserve.engine.llm_engine import LLMEngine
+from glmserve.engine.remote import PrefillRequest, PrefillResult
 from glmserve.kvtransfer.errors import TransferFailed
-from glmserve.kvtransfer.layout import KVLayout
 from glmserve.kvtransfer.sender import KVSender, MirroredTransfer, OutgoingTransfer, open_mirrored
 from glmserve.model.model_runner import StepInputs
 
-from .request import PrefillRequest, PrefillResult
-
 log = logging.getLogger(__name__)
-
-
-def transfer_layout(engine: LLMEngine) -> tuple[KVLayout, list[torch.Tensor], dict[int, torch.Tensor]]:
-    """The layout both sides of a transfer agree on, and the pools it covers. The MTP layer's KV travels only
-    when speculation is on (otherwise nobody computes it)."""
-    cache = engine.cache
-    layers = engine.config.num_hidden_layers + (1 if engine.drafter is not None else 0)
-    latent = cache.latent[:layers]
-    index_keys = {layer: pool for layer, pool in cache.index_keys.items() if layer < layers}
-    layout = KVLayout(
-        layers,
-        cache.spec.block_size,
-        cache.spec.latent_dim,
-        cache.spec.index_dim,
-        tuple(sorted(index_keys)),
-        cache.spec.dtype,
-    )
-    return layout, latent, index_keys
 
 
 @dataclass
@@ -70,7 +50,7 @@ class KVStreams:
     def __init__(self, engine: LLMEngine, transport: str = "tcp"):
         self.engine = engine
         self.transport = transport
-        self.layout, self.latent, self.index_keys = transfer_layout(engine)
+        self.layout, self.latent, self.index_keys = engine.transfer_layout()
         self._senders: dict[str, KVSender] = {}
         self._senders_lock = threading.Lock()
         self._outgoing: dict[str, _Outgoing] = {}  # engine sequence id -> transfer

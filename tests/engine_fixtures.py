@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from hf_models import make_hf_model
 
-from glmserve.decode.request import EngineRequest
 from glmserve.decode.server import DecodeWorker
+from glmserve.engine.request import EngineRequest
+from glmserve.engine.sampling_params import SamplingParams
 from glmserve.model import load_model
 from glmserve.model.default_checkpoint import PACKAGED
-from glmserve.model.sampling_params import SamplingParams
 
 
 def make_engine_checkpoint(path: Path, seed: int = 11, **overrides) -> Path:

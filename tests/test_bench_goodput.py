@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from glmserve.bench.goodput import arrangement_config, goodput, run_bench_goodput
+from glmserve.bench.serve import BenchServeConfig
 from glmserve.cluster import serve_env
-from glmserve.cluster.bench_goodput import arrangement_config, goodput, run_bench_goodput
-from glmserve.cluster.bench_serve import BenchServeConfig
 from glmserve.cluster.serving_config import ServingConfig
 
 

@@ -4,7 +4,7 @@ import asyncio
 
 import numpy as np
 
-from glmserve.cluster import bench_router
+from glmserve.bench import router as bench_router
 
 
 def test_timing_alternates_one_request_of_each_way():

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from glmserve.cluster.bench_serve import add_bench_serve_args, latency_stats, run_bench_serve
-from glmserve.cluster.traces import (
+from glmserve.bench.serve import add_bench_serve_args, latency_stats, run_bench_serve
+from glmserve.bench.traces import (
     PromptBuilder,
     TraceRequest,
     load_trace,

@@ -5,7 +5,7 @@ import pytest
 from engine_fixtures import GreedyReference, make_engine_checkpoint, random_prompts
 
 from glmserve import LLM, SamplingParams
-from glmserve.decode.validation import InvalidRequest
+from glmserve.engine.validation import InvalidRequest
 
 NEW_TOKENS = 12
 LENGTHS = [1, 5, 16, 17, 40, 63, 64, 65, 150]  # index_topk is 16: dense, boundary and sparse contexts

@@ -11,13 +11,13 @@ import torch
 from engine_fixtures import GreedyReference, make_engine_checkpoint, random_prompts
 
 from glmserve import LLM, SamplingParams
+from glmserve.bench.model import Driver, random_model
 from glmserve.model.attention_backend import (
     TopkPicks,
     TorchAttention,
     TritonAttention,
     index_chunk_plan,
 )
-from glmserve.model.bench_model import Driver, random_model
 from glmserve.model.config import GlmConfig
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache
 from glmserve.model.model_runner import BlockTables, ModelRunner, SeqChunk, pack_linears

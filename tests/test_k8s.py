@@ -16,10 +16,10 @@ import yaml
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
+from glmserve.bench.serve import BenchServeConfig
+from glmserve.bench.traces import NAMED_TRACES
 from glmserve.cli import build_parser
-from glmserve.cluster.bench_serve import BenchServeConfig
 from glmserve.cluster.serving_config import RoleConfig, ServingConfig
-from glmserve.cluster.traces import NAMED_TRACES
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))

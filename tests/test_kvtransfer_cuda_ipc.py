@@ -17,6 +17,7 @@ from test_kvtransfer_processes import (
     wait_for,
 )
 
+from glmserve.bench.kvtransfer import bench_cuda_ipc
 from glmserve.kvtransfer import (
     Completion,
     KVLayout,
@@ -25,7 +26,6 @@ from glmserve.kvtransfer import (
     TransferAborted,
     TransferFailed,
 )
-from glmserve.kvtransfer.bench import bench_cuda_ipc
 from glmserve.kvtransfer.frames import FrameHeader
 from glmserve.kvtransfer.incoming_transfer import IncomingTransfer
 from glmserve.kvtransfer.layout import RowKind

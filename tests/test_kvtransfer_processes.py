@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from glmserve.bench.kvtransfer import bench_tcp
 from glmserve.kvtransfer import Completion, KVLayout, KVReceiver, KVSender, LeaseExpired, PeerLost, TransferFailed
-from glmserve.kvtransfer.bench import bench_tcp
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,10 +7,10 @@ from engine_fixtures import random_prompts
 from scripted_model import make_scripted_checkpoint
 
 from glmserve import LLM, SamplingParams
-from glmserve.decode.spec_decode import verify_drafts
-from glmserve.decode.spec_graphs import SpecDecodeGraphs
+from glmserve.engine.sampler import draw
+from glmserve.engine.spec.graphs import SpecDecodeGraphs
+from glmserve.engine.spec.verify import verify_drafts
 from glmserve.model.cuda_graphs import DecodeGraphs
-from glmserve.model.sampler import draw
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 

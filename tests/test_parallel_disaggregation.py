@@ -18,13 +18,13 @@ from glmserve import LLM
 from glmserve.cluster.app import build_app
 from glmserve.cluster.parallel_engine import ParallelEngine
 from glmserve.cluster.serving_config import RoleConfig, ServingConfig
-from glmserve.decode.engine_args import EngineArgs
-from glmserve.decode.server import DecodeWorker, RemotePrefillFailed
+from glmserve.decode.server import DecodeWorker
+from glmserve.engine.engine_args import EngineArgs
+from glmserve.engine.remote import PrefillRequest, RemotePrefillFailed
+from glmserve.engine.sampling_params import SamplingParams
 from glmserve.kvtransfer.sender import KVSender, open_mirrored
 from glmserve.model.default_checkpoint import default_checkpoint
-from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
-from glmserve.prefill.request import PrefillRequest
 from glmserve.prefill.worker import PrefillWorker
 
 pytestmark = pytest.mark.slow

@@ -22,11 +22,11 @@ from glmserve.cluster.parallel_engine import ParallelEngine
 from glmserve.cluster.prefill_ranks import ParallelPrefillWorker
 from glmserve.cluster.serve_command import add_serve_args, config_from_args
 from glmserve.cluster.serving_config import PrefillEngine, RoleConfig, ServingConfig
-from glmserve.decode.async_engine import EngineDeadError
-from glmserve.decode.engine_args import EngineArgs
 from glmserve.decode.server import DecodeWorker
+from glmserve.engine.async_engine import EngineDeadError
+from glmserve.engine.engine_args import EngineArgs
+from glmserve.engine.sampling_params import SamplingParams
 from glmserve.model.default_checkpoint import default_checkpoint
-from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow

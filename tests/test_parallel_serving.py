@@ -20,14 +20,14 @@ from glmserve.cluster.app import build_app
 from glmserve.cluster.parallel_engine import ParallelEngine
 from glmserve.cluster.serve_command import add_serve_args, config_from_args
 from glmserve.cluster.serving_config import RoleConfig, ServingConfig
-from glmserve.decode.async_engine import EngineDeadError
-from glmserve.decode.engine import LLMEngine
-from glmserve.decode.engine_args import EngineArgs
-from glmserve.decode.request import EngineRequest
 from glmserve.decode.server import DecodeWorker
-from glmserve.decode.validation import InvalidRequest
+from glmserve.engine.async_engine import EngineDeadError
+from glmserve.engine.engine_args import EngineArgs
+from glmserve.engine.llm_engine import LLMEngine
+from glmserve.engine.request import EngineRequest
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.validation import InvalidRequest
 from glmserve.model.default_checkpoint import default_checkpoint
-from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow

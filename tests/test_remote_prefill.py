@@ -10,10 +10,10 @@ import torch
 from engine_fixtures import generate_tokens
 
 from glmserve import LLM, SamplingParams
-from glmserve.decode.engine_args import EngineArgs
-from glmserve.decode.server import DecodeWorker, RemotePrefillFailed
+from glmserve.decode.server import DecodeWorker
+from glmserve.engine.engine_args import EngineArgs
+from glmserve.engine.remote import PrefillRequest, RemotePrefillFailed
 from glmserve.kvtransfer.sender import KVSender
-from glmserve.prefill.request import PrefillRequest
 from glmserve.prefill.worker import PrefillWorker
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)

@@ -2,17 +2,16 @@
 
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 
-from glmserve.model import train_tokenizer
-from glmserve.model.detokenizer import IncrementalDetokenizer
-from glmserve.model.sampler import Sampler, SamplingBatch, draw, draw_skip
-from glmserve.model.sampling_params import SamplingParams
-from glmserve.model.stop_checker import StopChecker
+from glmserve.engine.detokenizer import IncrementalDetokenizer
+from glmserve.engine.sampler import Sampler, SamplingBatch, draw, draw_skip
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.stop_checker import StopChecker
+from glmserve.model.default_checkpoint import PACKAGED
 from glmserve.model.tokenizer import Tokenizer
 
 VOCAB = 64
@@ -460,7 +459,7 @@ def test_stop_token_ids_are_checked_against_the_vocabulary():
 
 
 def test_with_the_real_incremental_detokenizer():
-    tokenizer = Tokenizer.from_pretrained(Path(train_tokenizer.__file__).parent / "checkpoints" / "glm5-tiny")
+    tokenizer = Tokenizer.from_pretrained(PACKAGED)
     text = "def main():\n    return parse(args)  # done\nprint(main())\n"
     ids = tokenizer.encode(text)
     stop = StopChecker(SamplingParams(stop=["# done"], max_tokens=500), tokenizer.eos_token_ids, 1000, 1)

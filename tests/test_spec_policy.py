@@ -1,7 +1,7 @@
 """The speculation policy picks the K with the most expected tokens per second at the batch size, explores K values
 it has not measured, and is not locked out of a K by one slow step."""
 
-from glmserve.decode.spec_policy import SpeculationPolicy
+from glmserve.engine.spec.policy import SpeculationPolicy
 
 
 def _trained(policy: SpeculationPolicy, batch: int, step_s: dict[int, float], steps: int = 40):

@@ -1,14 +1,14 @@
 import json
 import random
-from pathlib import Path
 
 import pytest
 
-from glmserve.model import train_tokenizer
-from glmserve.model.detokenizer import IncrementalDetokenizer
+from glmserve.engine.detokenizer import IncrementalDetokenizer
+from glmserve.model.default_checkpoint import PACKAGED
 from glmserve.model.tokenizer import Tokenizer
+from glmserve.train import train_tokenizer
 
-CHECKPOINT = Path(train_tokenizer.__file__).parent / "checkpoints" / "glm5-tiny"
+CHECKPOINT = PACKAGED
 
 TEXTS = [
     "",

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from glmserve.model import GlmConfig, GlmForCausalLM, load_model
-from glmserve.model.code_corpus import CorpusInfo, drop_near_copies, save_tokens
 from glmserve.model.default_checkpoint import random_init_
-from glmserve.model.eval_tiny import body_parses, function_body, function_prompts, index_topk
-from glmserve.model.train_tiny import (
+from glmserve.train.code_corpus import CorpusInfo, drop_near_copies, save_tokens
+from glmserve.train.eval_tiny import body_parses, function_body, function_prompts, index_topk
+from glmserve.train.train_tiny import (
     TrainConfig,
     Trainer,
     indexer_kl,

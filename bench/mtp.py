@@ -9,11 +9,10 @@ import json
 import logging
 import time
 
-from glmserve.model.eval_tiny import function_prompts
-from glmserve.model.sampling_params import SamplingParams
-from glmserve.model.train_tokenizer import corpus_files, stdlib_root
-
-from .llm import LLM
+from glmserve.engine.llm import LLM
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.train.eval_tiny import function_prompts
+from glmserve.train.train_tokenizer import corpus_files, stdlib_root
 
 log = logging.getLogger(__name__)
 KV_BUDGET = 1 << 30

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .tokenizer import Tokenizer
+from glmserve.model.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 

@@ -21,10 +21,9 @@ import httpx
 import numpy as np
 import torch
 
-from glmserve.decode.request import EngineRequest
-from glmserve.model.sampling_params import SamplingParams
-
-from .serving_config import ServingConfig
+from glmserve.cluster.serving_config import ServingConfig
+from glmserve.engine.request import EngineRequest
+from glmserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 GOAL_MS = 2.0
@@ -77,8 +76,8 @@ async def _time_in_process(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Milliseconds per request through the FastAPI app (ASGI, no network) and straight into the same worker."""
     from glmserve.api.app import create_app
     from glmserve.api.openai_server import OpenAIServer
-    from glmserve.decode.engine_args import EngineArgs
     from glmserve.decode.server import DecodeWorker
+    from glmserve.engine.engine_args import EngineArgs
     from glmserve.model.default_checkpoint import default_checkpoint
     from glmserve.model.tokenizer import Tokenizer
 
@@ -146,7 +145,7 @@ def run_bench_router(num_requests: int = 200, port: int = 8123, output_json: str
     import ray
     from ray import serve
 
-    from .app import build_app, ray_init_kwargs
+    from glmserve.cluster.app import build_app, ray_init_kwargs
 
     local_http, local_direct = asyncio.run(_time_in_process(num_requests))
     config = ServingConfig(port=port)

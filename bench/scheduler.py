@@ -12,11 +12,10 @@ import time
 
 import numpy as np
 
-from glmserve.model.block_manager import BlockManager
-from glmserve.model.sampling_params import SamplingParams
-
-from .scheduler import Scheduler
-from .sequence import Sequence
+from glmserve.engine.block_manager import BlockManager
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.scheduler import Scheduler
+from glmserve.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 BUDGET_MS = 2.0

@@ -1,7 +1,7 @@
 """Train the embedded glm5-tiny on Python source: next-token + MTP loss, the DSA recipe and IndexShare.
 
-    python -m glmserve.model.code_corpus --out .data          # tokenize here (the corpus depends on this Python)
-    python -m glmserve.model.train_tiny --data .data --out DIR --seed 0 --minutes 9
+    python -m glmserve.train.code_corpus --out .data          # tokenize here (the corpus depends on this Python)
+    python -m glmserve.train.train_tiny --data .data --out DIR --seed 0 --minutes 9
 
 The training forward runs the same modules as `GlmForCausalLM` (MLA projections, indexer queries/keys/weights,
 router, experts, MTP fusion) with attention written for whole masked sequences, so the trained weights mean the
@@ -42,14 +42,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
+from glmserve.model.config import GlmConfig
+from glmserve.model.default_checkpoint import PACKAGED, random_init_
+from glmserve.model.glm import DecoderLayer, GlmForCausalLM
+from glmserve.model.indexer import causal_topk_mask, index_scores
+from glmserve.model.mla import MLA, MLAProjections
+from glmserve.model.moe import MoE
+from glmserve.model.weights import save_weights
+
 from .code_corpus import load_info, load_tokens
-from .config import GlmConfig
-from .default_checkpoint import PACKAGED, random_init_
-from .glm import DecoderLayer, GlmForCausalLM
-from .indexer import causal_topk_mask, index_scores
-from .mla import MLA, MLAProjections
-from .moe import MoE
-from .weights import save_weights
 
 log = logging.getLogger(__name__)
 
@@ -530,7 +531,7 @@ def train(
 def main(argv: Sequence[str] | None = None) -> None:
     started = time.monotonic()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="directory written by glmserve.model.code_corpus")
+    parser.add_argument("--data", type=Path, required=True, help="directory written by glmserve.train.code_corpus")
     parser.add_argument("--out", type=Path, required=True, help="directory for model.safetensors and the logs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole run")

@@ -6,10 +6,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from glmserve.model.sampling_params import SamplingParams
+from glmserve.engine.sampling_params import SamplingParams
 
-from .engine import LLMEngine
 from .engine_args import EngineArgs
+from .llm_engine import LLMEngine
 from .outputs import RequestOutput
 
 Prompt = str | dict[str, Any]  # text, or {"prompt_token_ids": [...]}

@@ -2,7 +2,7 @@
 
 from collections.abc import Container
 
-from glmserve.model.sampling_params import SamplingParams
+from glmserve.engine.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
 
 

@@ -3,12 +3,12 @@ run in other processes (`glmserve.cluster.parallel_engine.ParallelEngine`)."""
 
 from typing import Protocol
 
+from glmserve.engine.sampling_params import SamplingParams
 from glmserve.model.config import GlmConfig
-from glmserve.model.sampling_params import SamplingParams
 from glmserve.model.tokenizer import Tokenizer
 
-from .engine import RemotePrefill
 from .outputs import Logprob, RequestOutput
+from .remote import RemotePrefill
 
 
 class Engine(Protocol):

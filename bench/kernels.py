@@ -1,6 +1,6 @@
 """Kernel benchmark on one CUDA GPU: every figure next to its peer or the ceiling measured in the same run.
 
-    python -m glmserve.model.kernels.bench --out bench_kernels.json
+    python -m glmserve.bench.kernels --out bench_kernels.json
 
 Ceilings: bf16 GEMM 8192^3 and a device copy. Cases: the DSA indexer at 128K keys against the transformers
 formula in torch; top-k of 128K and 1M against torch.topk; sparse MLA prefill (GLM-5.2: 64 heads, 576/512, top-2048)
@@ -523,7 +523,7 @@ def run_kernel_bench(
     mla_contexts = mla_contexts or [8192, 32768, 131072, 524288]
     torch.manual_seed(0)
     timer = Timer()
-    command = f"python -m glmserve.model.kernels.bench --out {out_json}"
+    command = f"python -m glmserve.bench.kernels --out {out_json}"
     report = BenchReport(out_json, command + (" --sections " + " ".join(sections) if sections else ""))
     rows = report.rows
     ceilings = report.data["ceilings"] = bench_ceilings(timer, rows)

@@ -10,7 +10,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from glmserve.model.block_manager import BlockManager, block_hash, prefix_hashes
+from glmserve.engine.block_manager import BlockManager, block_hash, prefix_hashes
 
 from .sequence import Sequence, Status
 

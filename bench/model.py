@@ -1,7 +1,7 @@
 """Model-level benchmark on one CUDA GPU: the engine's model runner against transformers, the HBM roofline and dense
 attention, every figure next to its peer or ceiling measured in the same run.
 
-    python -m glmserve.model.bench_model --out bench_model.json      (`glmserve bench model`)
+    python -m glmserve.bench.model --out bench_model.json      (`glmserve bench model`)
 
 Sections (all by default):
   small      the 288M config of REFERENCE.md, random bf16 weights: decode tokens/s at batch 1 (512-token prompt, 128
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
+from glmserve.bench.kernels import BenchReport, Row, Timer, bench_ceilings, dense_sdpa_ms, paged_pool
 from glmserve.model.attention_backend import IndexChunk, PagedBatch, TritonAttention, index_chunk_plan, no_stage
 from glmserve.model.config import GlmConfig
 from glmserve.model.glm import GlmForCausalLM
 from glmserve.model.kernels import indexer as indexer_kernels
 from glmserve.model.kernels import paged_mla, topk
-from glmserve.model.kernels.bench import BenchReport, Row, Timer, bench_ceilings, dense_sdpa_ms, paged_pool
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache
 from glmserve.model.model_runner import ModelRunner, SeqChunk
 from glmserve.model.size import model_size

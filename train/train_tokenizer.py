@@ -1,6 +1,6 @@
 """Train the byte-level BPE tokenizer of the embedded glm5-tiny checkpoint on the Python standard library.
 
-    python -m glmserve.model.train_tokenizer --out DIR
+    python -m glmserve.train.train_tokenizer --out DIR
 
 The corpus is every `*.py` file under the standard library (site-packages excluded), read in sorted order. A file
 whose relative path hashes to 0 mod 10 is held out for evaluation (`is_heldout`); model training reuses the rule.
@@ -21,9 +21,11 @@ from pathlib import Path, PurePath
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from glmserve.model.default_checkpoint import PACKAGED
+
 log = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path(__file__).parent / "checkpoints" / "glm5-tiny"
+DEFAULT_OUT = PACKAGED
 VOCAB_SIZE = 8192
 MODEL_MAX_LENGTH = 4096
 

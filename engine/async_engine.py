@@ -13,8 +13,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .engine_protocol import Engine
 from .outputs import RequestOutput
+from .protocol import Engine
 
 log = logging.getLogger(__name__)
 

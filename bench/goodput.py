@@ -17,8 +17,9 @@ import logging
 from rich.console import Console
 from rich.table import Table
 
-from .bench_serve import BenchServeConfig, benchmark
-from .serving_config import ServingConfig
+from glmserve.cluster.serving_config import ServingConfig
+
+from .serve import BenchServeConfig, benchmark
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def goodput(rows: list[dict], target: float) -> float:
 def _measure(config: ServingConfig, workload: BenchServeConfig, rates: list[float]) -> list[dict]:
     from ray import serve
 
-    from .app import build_app
+    from glmserve.cluster.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": config.port})
     try:
@@ -80,7 +81,7 @@ def run_bench_goodput(
     """Both arrangements at every rate; prints the table, writes JSON, returns the report."""
     import ray
 
-    from .app import ray_init_kwargs
+    from glmserve.cluster.app import ray_init_kwargs
 
     base_url = f"http://127.0.0.1:{base.port}"
     workload = workload.model_copy(update={"base_url": base_url, "output_json": None, "progress": False})

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glmserve.model.sampling_params import SamplingParams
+from glmserve.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

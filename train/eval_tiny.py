@@ -1,6 +1,6 @@
 """Evaluate a glm5-tiny checkpoint on held-out Python files (the tokenizer's and the trainer's held-out split).
 
-    python -m glmserve.model.eval_tiny [--checkpoint DIR] [--out eval.json]
+    python -m glmserve.train.eval_tiny [--checkpoint DIR] [--out eval.json]
 
 1. Held-out loss and perplexity through the reference forward (`model(input_ids)`), over non-overlapping windows
    of `--seq-len` tokens of the held-out standard-library files: sparse (each layer's `index_topk`, as served) and
@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from glmserve.model.default_checkpoint import PACKAGED
+from glmserve.model.glm import GlmForCausalLM
+from glmserve.model.loader import load_model
+from glmserve.model.tokenizer import Tokenizer
+
 from .code_corpus import tokenize_files
-from .default_checkpoint import PACKAGED
-from .glm import GlmForCausalLM
-from .loader import load_model
-from .tokenizer import Tokenizer
 from .train_tokenizer import corpus_files, stdlib_root
 
 log = logging.getLogger(__name__)

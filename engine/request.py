@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel, Field
 
-from glmserve.model.sampling_params import SamplingParams
+from glmserve.engine.sampling_params import SamplingParams
 
 
 class EngineRequest(BaseModel):

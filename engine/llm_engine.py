@@ -13,41 +13,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glmserve.model.block_manager import BlockManager
-from glmserve.model.detokenizer import IncrementalDetokenizer
+from glmserve.engine.block_manager import BlockManager
+from glmserve.engine.detokenizer import IncrementalDetokenizer
+from glmserve.engine.sampler import Sampler, SamplingBatch, draw, draw_skip
+from glmserve.engine.sampling_params import SamplingParams
+from glmserve.engine.stop_checker import StopChecker
+from glmserve.kvtransfer.layout import KVLayout
 from glmserve.model.glm import GlmForCausalLM
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache, gpu_kv_budget, num_blocks_for_budget
 from glmserve.model.loader import load_model, resolve_dtype
 from glmserve.model.model_runner import ModelRunner, SeqChunk, StepOutput
 from glmserve.model.mtp_drafter import MTPDrafter
-from glmserve.model.sampler import Sampler, SamplingBatch, draw, draw_skip
-from glmserve.model.sampling_params import SamplingParams
-from glmserve.model.stop_checker import StopChecker
 from glmserve.model.tokenizer import Tokenizer
 
 from .engine_args import EngineArgs
 from .outputs import CompletionDelta, CompletionOutput, Logprob, RequestOutput, SpecStats
+from .remote import RemotePrefill, transfer_layout
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .spec_decode import verify_drafts
-from .spec_graphs import SpecDecodeGraphs
-from .spec_policy import SpeculationPolicy
+from .spec.graphs import SpecDecodeGraphs
+from .spec.policy import SpeculationPolicy
+from .spec.verify import verify_drafts
 from .validation import check_new_request
 
 log = logging.getLogger(__name__)
 
 CPU_KV_BUDGET = 256 << 20
-
-
-@dataclass
-class RemotePrefill:
-    """What a prefill worker must fill: tokens [start_token, start_token + num_tokens) of a sequence whose block
-    table is `block_table` (the blocks before start_token already hold its cached prefix)."""
-
-    request_id: str
-    block_table: list[int]
-    start_token: int
-    num_tokens: int
 
 
 @dataclass(eq=False)
@@ -253,6 +244,11 @@ class LLMEngine:
     def idle(self) -> bool:
         """Nothing queued or running and every KV block free (tests use it to check that nothing leaked)."""
         return not self.scheduler.has_work and self.block_manager.num_free_blocks == self.block_manager.num_blocks
+
+    def transfer_layout(self) -> tuple[KVLayout, list[torch.Tensor], dict[int, torch.Tensor]]:
+        """The KV a remote prefill moves, and its pools: every main layer, and the MTP layer's when speculation is on
+        (otherwise nobody computes it)."""
+        return transfer_layout(self.cache, self.config.num_hidden_layers + (1 if self.drafter is not None else 0))
 
     def stats(self) -> dict[str, float]:
         """Counters for metrics and routing, under the names /metrics exports them by."""

@@ -1,6 +1,6 @@
 """The training corpus of glm5-tiny: Python source found on this machine, tokenized and saved as token arrays.
 
-    python -m glmserve.model.code_corpus --out .data
+    python -m glmserve.train.code_corpus --out .data
 
 Training files are the standard library's `*.py` files plus a capped share of each installed package in
 site-packages; evaluation files are the standard library's held-out files. Both roots use the tokenizer's rule
@@ -23,8 +23,9 @@ import numpy as np
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from .default_checkpoint import PACKAGED
-from .tokenizer import Tokenizer
+from glmserve.model.default_checkpoint import PACKAGED
+from glmserve.model.tokenizer import Tokenizer
+
 from .train_tokenizer import EOS_TOKEN, corpus_files, is_heldout, stdlib_root
 
 log = logging.getLogger(__name__)

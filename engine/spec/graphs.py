@@ -23,7 +23,7 @@ from glmserve.model.cuda_graphs import GraphBlockTables, GraphCache, Step, conte
 from glmserve.model.model_runner import ModelRunner, SeqChunk
 from glmserve.model.mtp_drafter import MTPDrafter
 
-from .spec_decode import accepted_prefix
+from .verify import accepted_prefix
 
 
 @dataclass

@@ -7,7 +7,7 @@ end to end, from the go signal to the receiver's future resolving (open and comp
 plane, from the first chunk's arrival to every row in the pools (copies synchronized). `bench_cuda_ipc` also times a
 plain device-to-device copy of the same bytes, the ceiling, and gives both as fractions of it.
 
-    python -m glmserve.kvtransfer.bench --transport tcp --gib 1 --json kvtransfer-tcp.json
+    python -m glmserve.bench.kvtransfer --transport tcp --gib 1 --json kvtransfer-tcp.json
 """
 
 import argparse
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from .layout import KVLayout
-from .receiver import KVReceiver
-from .sender import KVSender
+from glmserve.kvtransfer.layout import KVLayout
+from glmserve.kvtransfer.receiver import KVReceiver
+from glmserve.kvtransfer.sender import KVSender
 
 log = logging.getLogger(__name__)
 

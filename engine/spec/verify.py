@@ -8,7 +8,7 @@ requests (one-hot p) reduce to: accept while the draft equals the target's argma
 
 import torch
 
-from glmserve.model.sampler import draw
+from glmserve.engine.sampler import draw
 
 
 def accepted_prefix(targets: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Every `glmserve bench ...` command and the traces they replay."""

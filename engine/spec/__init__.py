@@ -1,0 +1,1 @@
+"""MTP speculative decoding: lossless verification, the policy that picks K, and whole-step CUDA graphs."""
