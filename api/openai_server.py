@@ -13,7 +13,7 @@ from glmserve.engine.outputs import CompletionDelta, RequestOutput
 from glmserve.engine.remote import RemotePrefillFailed
 from glmserve.engine.request import EngineRequest
 from glmserve.engine.sampling_params import SamplingParams
-from glmserve.engine.validation import InvalidRequest, validate_request
+from glmserve.engine.validation import InvalidRequest
 from glmserve.model.chat_template import ChatTemplateError
 from glmserve.model.tokenizer import Tokenizer
 
@@ -88,14 +88,12 @@ class OpenAIServer:
         tokenizer: Tokenizer,
         model_name: str,
         max_model_len: int,
-        vocab_size: int,
         metrics: Metrics | None = None,
     ):
         self.client = client
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
-        self.vocab_size = vocab_size
         self.metrics = metrics or Metrics()
 
     def models(self) -> ModelList:
@@ -115,16 +113,12 @@ class OpenAIServer:
         if model is not None and model != self.model_name:
             raise ModelNotFoundError(model)
 
-    def _params(self, req: GenerationRequest, ids: list[int], default_max_tokens: int) -> SamplingParams:
+    def _params(self, req: GenerationRequest, default_max_tokens: int) -> SamplingParams:
         try:
             params = SamplingParams(**req.sampling_params(default_max_tokens=max(1, default_max_tokens)))
         except ValidationError as e:
             raise from_validation_error(e) from None
-        try:
-            validate_request(ids, params, self.vocab_size, self.max_model_len)
-        except InvalidRequest as e:
-            raise InvalidRequestError(str(e), param=e.param) from None
-        return params
+        return params  # the prompt and stop ids are checked where they meet the engine (engine.validation)
 
     async def _stream(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """The worker's outputs. The first is awaited before returning, so a request the worker refuses becomes a
@@ -160,7 +154,7 @@ class OpenAIServer:
         except ChatTemplateError as e:
             raise InvalidRequestError(str(e), param="messages") from None
         ids = self.tokenizer.encode(prompt)
-        params = self._params(req, ids, self.max_model_len - len(ids))
+        params = self._params(req, self.max_model_len - len(ids))
         request_id = req.request_id or random_id("chatcmpl")
         engine_request = EngineRequest(request_id=request_id, prompt_token_ids=ids, params=params)
         assemblers = [
@@ -283,7 +277,7 @@ class OpenAIServer:
             )
         prompt = prompts[0]
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        params = self._params(req, ids, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        params = self._params(req, COMPLETIONS_DEFAULT_MAX_TOKENS)
         request = EngineRequest(request_id=req.request_id or random_id("cmpl"), prompt_token_ids=ids, params=params)
         echo = ""
         if req.echo:  # a token prompt is detokenized only when it is echoed

@@ -6,7 +6,7 @@ Validation policy:
   `parallel_tool_calls`, `logit_bias`, `suffix`, `best_of`, ...), and refusing them would break those clients.
 - Known fields are strict: no "5" for 5, no 1 for true, no 2.0 for an integer (ints are fine for floats), so a bad
   value is a 400 naming the field. Checks that involve two fields run in the later field's validator, so the error
-  still names a field (`top_logprobs`, `min_tokens`, `tool_choice`).
+  still names a field (`top_logprobs`, `tool_choice`); `min_tokens` against `max_tokens` is SamplingParams' check.
 - null means "not set" for every field (OpenAI clients send `"n": null`, `"stop": null`).
 - `stream_options` without `stream` is accepted and has no effect.
 - Only text content is accepted; content given as a list of text parts is joined into one string, as the GLM
@@ -234,14 +234,6 @@ class GenerationRequest(_StrictModel, abc.ABC):
         if stop is not None and "" in stop:
             raise ValueError("stop strings must not be empty")
         return stop
-
-    @field_validator("min_tokens")
-    @classmethod
-    def _not_above_max_tokens(cls, min_tokens: int, info: ValidationInfo) -> int:
-        limit = info.data.get("max_completion_tokens") or info.data.get("max_tokens")
-        if limit is not None and min_tokens > limit:
-            raise ValueError(f"min_tokens ({min_tokens}) is above the max_tokens limit ({limit})")
-        return min_tokens
 
     @property
     def include_usage(self) -> bool:

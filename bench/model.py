@@ -31,8 +31,11 @@ from pathlib import Path
 import torch
 
 from glmserve.bench.kernels import BenchReport, Row, Timer, bench_ceilings, dense_sdpa_ms, paged_pool
+from glmserve.engine.llm_engine import MAX_GRAPH_BATCH
 from glmserve.model.attention_backend import IndexChunk, PagedBatch, TritonAttention, index_chunk_plan, no_stage
 from glmserve.model.config import GlmConfig
+from glmserve.model.cuda_graphs import DecodeGraphs
+from glmserve.model.fusion import fuse
 from glmserve.model.glm import GlmForCausalLM
 from glmserve.model.kernels import indexer as indexer_kernels
 from glmserve.model.kernels import paged_mla, topk
@@ -90,6 +93,13 @@ def random_model(
                 p.normal_(0.0, std, generator=gen)
             p.data = p.data.to(target_dtype(name, dtype))
     return model.eval()
+
+
+def serving_runner(model: GlmForCausalLM, cache: PagedKVCache, **kwargs) -> ModelRunner:
+    """A runner as the engine builds one on CUDA: the model in its serving form, decode steps as CUDA graphs."""
+    runner = ModelRunner(fuse(model), cache, **kwargs)
+    runner.graphs = DecodeGraphs(runner, MAX_GRAPH_BATCH)
+    return runner
 
 
 class StageTimes:
@@ -291,9 +301,9 @@ def bench_small(rows: list[Row], ceilings: dict, quick: bool) -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
-    model = random_model(config)
     cache = _make_cache(config, (batch + 2) * (prompt_len + new_tokens) + 3 * prefill_len + 4096)
-    runner = ModelRunner(model, cache)
+    runner = serving_runner(random_model(config), cache)
+    model = runner.model
     driver = Driver(runner)
     # Warm-up: compiles the kernels and captures the graphs the timed runs use (same shapes and buckets).
     driver.decode(driver.prefill([prompt]), 8)
@@ -358,9 +368,9 @@ def bench_large(rows: list[Row], ceilings: dict, quick: bool, long_context: int)
     config = GlmConfig.from_dict(base | {"index_topk_pattern": "F" * base["num_hidden_layers"]})
     size = model_size(shared_config)
     batch, batch_prompt = (8, 4096) if quick else (64, 4096)
-    model = random_model(config)
     cache = _make_cache(config, long_context + batch * (batch_prompt + 64) + 3 * 4096 + 16 * chunk_tokens)
-    runner = ModelRunner(model, cache, topk_layers=on_layers)
+    runner = serving_runner(random_model(config), cache, topk_layers=on_layers)
+    model = runner.model
     driver = Driver(runner, chunk_tokens)
     stages = StageTimes()
     report = {"params": asdict(size), "indexer_layers": sorted(on_layers), "chunk_tokens": chunk_tokens}

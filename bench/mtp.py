@@ -23,7 +23,8 @@ _MAX_WARMUPS = 12
 
 def _num_graphs(llm: LLM) -> int:
     engine = llm.engine
-    return sum(len(g.graphs) for g in (engine.runner.graphs, engine.spec_graphs) if g is not None)
+    spec_graphs = engine.spec.graphs if engine.spec is not None else None
+    return sum(len(g.graphs) for g in (engine.runner.graphs, spec_graphs) if g is not None)
 
 
 def _run(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[float, float, list]:
@@ -84,7 +85,7 @@ def run_bench_mtp(
             steps = sum(s.num_steps for s in spec)
             accepted = sum(s.num_accepted_tokens for s in spec)
             drafted = sum(s.num_draft_tokens for s in spec)
-            policy = llm.engine.policy
+            policy = llm.engine.spec.policy
             rows.append(
                 {
                     "batch": batch,
@@ -126,5 +127,5 @@ def run_bench_mtp(
 def _without_index_share(model: str | None, batch: int, k: int, common: dict) -> LLM:
     """The same engine with index_share_for_mtp_iteration off: every draft step runs the MTP indexer."""
     llm = LLM(model, max_num_seqs=batch, num_speculative_tokens=k, adaptive_speculation=False, **common)
-    llm.engine.drafter.share_topk = False
+    llm.engine.spec.drafter.share_topk = False
     return llm

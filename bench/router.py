@@ -84,10 +84,8 @@ async def _time_in_process(n: int) -> tuple[np.ndarray, np.ndarray]:
     torch.set_num_threads(1)  # as the decode replica runs on CPU (num_cpus 1, cluster/app.py)
     worker = DecodeWorker(EngineArgs())
     config = worker.engine.config
-    server = OpenAIServer(
-        worker, Tokenizer.from_pretrained(default_checkpoint()), "glm5-tiny", config.max_position_embeddings,
-        config.vocab_size,
-    )  # fmt: skip
+    tokenizer = Tokenizer.from_pretrained(default_checkpoint())
+    server = OpenAIServer(worker, tokenizer, "glm5-tiny", config.max_position_embeddings)
     transport = httpx.ASGITransport(app=create_app(server))
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=60) as client:

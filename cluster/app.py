@@ -113,7 +113,6 @@ class DecodeServer:
             Tokenizer.from_pretrained(config.engine.model or default_checkpoint()),
             config.model_name,
             max_model_len=config.engine.max_model_len or model_config.max_position_embeddings,
-            vocab_size=model_config.vocab_size,
         )
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.board = stats_board.get_or_create(serve.get_replica_context().app_name)

@@ -17,10 +17,11 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    request_id: str
+    request_id: str  # the request's; its n sequences share it
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: int  # FCFS order
+    index: int = 0  # which of the request's n sequences
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)

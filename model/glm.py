@@ -4,6 +4,8 @@ Module names follow the Hub checkpoint layout, so loading is a name-for-name cop
 cache and materializes [T, T] masks: it is the definition every fast path is checked against, not a serving path.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -14,6 +16,14 @@ from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm
 from .rope import rope_cos_sin
+
+
+@dataclass
+class AttentionTrace:
+    """What a reference attention block computed on the way, for training (the indexer's KL target)."""
+
+    probs: torch.Tensor  # [B, H, S, T] fp32 attention probabilities
+    index_scores: torch.Tensor | None  # [B, S, T] fp32, on layers with an indexer
 
 
 class DecoderLayer(nn.Module):
@@ -27,19 +37,51 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def reference_forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shared_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        shared_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] -> (x, the sparse mask [B, T, T] this layer used, for the shared layers after it)."""
+        x, mask, _ = self.reference_attention(x, positions, cos, sin, shared_mask)
+        return x + self.mlp(self.post_attention_layernorm(x)), mask
+
+    def reference_attention(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        shared_mask: torch.Tensor | None,
+        dense: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionTrace]:
+        """The residual stream after attention: (x + attention, its mask [B, T, T], the trace). A layer with an
+        indexer attends to its causal top-k, a shared layer to `shared_mask` (IndexShare); `dense`: every layer to
+        all causal keys (the indexer still scores them: training's dense phase)."""
         h = self.input_layernorm(x)
         attn = self.self_attn
         p = attn.project(h, cos, sin)
+        scores = None
         if attn.indexer is not None:
-            q = attn.indexer.queries(p.q_resid, cos, sin)
-            k = attn.indexer.keys(h, cos, sin)
-            scores = index_scores(q, k, attn.indexer.head_weights(h))
-            shared_mask = causal_topk_mask(scores, positions, positions, self.topk)
-        x = x + attn.o_proj(attn.reference_attention(p, shared_mask))
-        return x + self.mlp(self.post_attention_layernorm(x)), shared_mask
+            indexer, dtype = attn.indexer, attn.indexer.wk.weight.dtype
+            # In its weights' dtype even under autocast (fp32 in training, as at inference), on detached inputs:
+            # in training only the indexer's own KL loss moves it.
+            with torch.autocast(x.device.type, enabled=False):
+                h_in, q_in, cos_in, sin_in = (t.detach().to(dtype) for t in (h, p.q_resid, cos, sin))
+                q, k = indexer.queries(q_in, cos_in, sin_in), indexer.keys(h_in, cos_in, sin_in)
+                scores = index_scores(q, k, indexer.head_weights(h_in))
+        if dense:
+            mask = (positions[None, :] <= positions[:, None]).expand(x.shape[0], -1, -1)
+        elif scores is not None:
+            mask = causal_topk_mask(scores.detach(), positions, positions, self.topk)
+        elif shared_mask is not None:
+            mask = shared_mask
+        else:
+            raise ValueError(f"layer {self.layer_idx} shares top-k but no layer with an indexer ran before it")
+        out, probs = attn.reference_attention(p, mask)
+        return x + attn.o_proj(out), mask, AttentionTrace(probs, scores)
 
 
 class SharedHead(nn.Module):
@@ -75,6 +117,8 @@ class GlmModel(nn.Module):
 
 
 class GlmForCausalLM(nn.Module):
+    fused = False  # loaded in its serving form (model/fusion.py)
+
     def __init__(self, config: GlmConfig):
         super().__init__()
         self.config = config

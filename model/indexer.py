@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from .config import GlmConfig
-from .rope import apply_rope
+from .rope import rotate
 
 
 class Indexer(nn.Module):
-    rope = staticmethod(apply_rope)  # the fused runner swaps in the one-kernel version
+    fused = False  # set at load for serving (model/fusion.py): rope in one kernel
 
     def __init__(self, config: GlmConfig):
         super().__init__()
@@ -30,11 +30,11 @@ class Indexer(nn.Module):
         """[..., n_heads, head_dim] from q_resid = q_a_layernorm(q_a_proj(x)); cos/sin shaped [..., rope_dim/2]."""
         q = self.wq_b(q_resid).unflatten(-1, (self.n_heads, self.head_dim))
         # Unlike MLA, the indexer ropes the FIRST rope_dim dims of its heads.
-        return self.rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave, self.rope_dim)
+        return rotate(q, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave, self.rope_dim, self.fused)
 
     def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """One key per token, [..., head_dim]: what the indexer-key cache stores."""
-        return self.rope(self.k_norm(self.wk(x)), cos, sin, self.interleave, self.rope_dim)
+        return rotate(self.k_norm(self.wk(x)), cos, sin, self.interleave, self.rope_dim, self.fused)
 
     def head_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Per-query head weights [..., n_heads] in fp32, with the n_heads^-0.5 scale folded in."""

@@ -6,6 +6,7 @@ import torch
 
 from .config import GlmConfig
 from .default_checkpoint import default_checkpoint
+from .fusion import fuse
 from .glm import GlmForCausalLM
 from .weights import load_weights
 
@@ -27,9 +28,13 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def load_model(
-    path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
+    path: str | Path | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    fused: bool = False,
 ) -> GlmForCausalLM:
     """Build the network from `path`'s config.json and load its safetensors. `None` loads the embedded glm5-tiny.
+    `fused`: in its serving form (model/fusion.py: packed weights, Triton kernels; CUDA), else the reference.
 
     `model(input_ids)` returns full-sequence causal logits [B, T, vocab].
     """
@@ -38,4 +43,4 @@ def load_model(
     with torch.device("meta"):
         model = GlmForCausalLM(config)
     load_weights(model, path, resolve_dtype(dtype), device)
-    return model.eval()
+    return fuse(model.eval()) if fused else model.eval()

@@ -13,7 +13,7 @@ from torch import nn
 from .config import GlmConfig
 from .indexer import Indexer
 from .norm import RMSNorm
-from .rope import apply_rope
+from .rope import rotate
 
 
 @dataclass
@@ -28,10 +28,10 @@ class MLAProjections:
 
 
 class MLA(nn.Module):
-    rope = staticmethod(apply_rope)  # the fused runner swaps in the one-kernel version
-    # [q_lora + kv_lora + rope, hidden]: q_a_proj's and kv_a_proj_with_mqa's weights packed for one GEMM (their
-    # weights are views of it), set by the fused runner
+    # set at load for serving (model/fusion.py): q_a_proj's and kv_a_proj_with_mqa's weights packed
+    # [q_lora + kv_lora + rope, hidden] for one GEMM (their weights are views of it), and rope in one kernel
     a_proj: torch.Tensor | None = None
+    fused = False
 
     def __init__(self, config: GlmConfig, has_indexer: bool):
         super().__init__()
@@ -66,9 +66,9 @@ class MLA(nn.Module):
         latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return MLAProjections(
             q_nope=q_nope,
-            q_rope=self.rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave),
+            q_rope=rotate(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2), self.interleave, fused=self.fused),
             latent=self.kv_a_layernorm(latent),
-            k_rope=self.rope(k_rope, cos, sin, self.interleave),
+            k_rope=rotate(k_rope, cos, sin, self.interleave, fused=self.fused),
             q_resid=q_resid,
         )
 
@@ -77,11 +77,12 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
-    def reference_attention(self, p: MLAProjections, mask: torch.Tensor) -> torch.Tensor:
-        """Expanded (non-absorbed) attention over whole sequences: p from [B, T], mask [B, S, T] -> [B, S, H*v]."""
+    def reference_attention(self, p: MLAProjections, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expanded (non-absorbed) attention over whole sequences: p from [B, T], mask [B, S, T] -> (output
+        [B, S, H*v], fp32 probabilities [B, H, S, T])."""
         kv = self.kv_b_proj(p.latent).unflatten(-1, (self.n_heads, self.nope_dim + self.v_dim))
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         scores = torch.einsum("bshd,bthd->bhst", p.q_nope, k_nope) + torch.einsum("bshd,btd->bhst", p.q_rope, p.k_rope)
         scores = (scores * self.scale).masked_fill(~mask[:, None], float("-inf"))
-        probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
-        return torch.einsum("bhst,bthd->bshd", probs, v).flatten(-2)
+        probs = scores.softmax(-1, dtype=torch.float32)
+        return torch.einsum("bhst,bthd->bshd", probs.to(v.dtype), v).flatten(-2), probs

@@ -10,8 +10,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    gate_up: torch.Tensor | None = None  # [2 * intermediate, hidden], packed by the fused runner for one GEMM
-    silu_mul = staticmethod(silu_mul)  # the fused runner swaps in the one-kernel version
+    # set at load for serving (model/fusion.py): gate and up packed [2 * intermediate, hidden] for one GEMM, and
+    # the activation in one kernel
+    gate_up: torch.Tensor | None = None
+    fused = False
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -24,4 +26,8 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return self.down_proj(self.silu_mul(gate, up))
+        if self.fused:
+            from .kernels.activation import silu_mul_triton
+
+            return self.down_proj(silu_mul_triton(gate, up))
+        return self.down_proj(silu_mul(gate, up))

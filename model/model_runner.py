@@ -4,9 +4,10 @@ Per layer: project the new tokens, write their latent (and, on full-indexer laye
 pick top-k keys per query on full layers (shared layers reuse the pick of the full layer before them, within the
 same step), attend in the absorbed latent space, then the MLP or MoE. Logits are computed only where asked.
 
-On CUDA (when the kernels support the model's dims) the runner takes the fused path: the Triton attention backend,
-routed experts through one grouped GEMM over weights packed once at load, RMSNorm in one kernel, and CUDA graphs
-for pure decode steps. Elsewhere it runs plain PyTorch, the exact reference path.
+A model loaded in its serving form (model/fusion.py: packed weights, Triton elementwise kernels) runs on the Triton
+attention backend, its routed experts through one grouped GEMM; pure decode steps replay as CUDA graphs where a
+`cuda_graphs.DecodeGraphs` is attached. A reference model runs plain PyTorch, the exact reference path. The runner
+never changes the model it is given.
 """
 
 import functools
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .attention_backend import (
     IndexChunk,
@@ -29,12 +29,8 @@ from .attention_backend import (
     no_stage,
 )
 from .glm import DecoderLayer, GlmForCausalLM
-from .indexer import Indexer
 from .kv_cache import PagedKVCache
-from .mla import MLA
-from .mlp import MLP
-from .moe import MoE, Router
-from .norm import RMSNorm
+from .moe import MoE
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +43,7 @@ class SeqChunk:
     start_pos: int  # position of token_ids[0]; tokens before it already have KV in the cache
     block_table: list[int]  # grows by appending while it is the same list; replace the list for any other change
     num_logits: int = 1  # logits for the last this-many new tokens (1: sample; K+1: verify K drafts; 0: none)
-    request_id: str = ""  # lets a layer hook tell whose rows were written
+    request_id: str = ""  # lets a layer hook tell whose rows were written (a label: n sequences share it)
 
 
 @dataclass
@@ -133,115 +129,31 @@ class BlockTables:
         return self.free.pop()
 
 
-def pack_experts(model: GlmForCausalLM) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per MoE layer, the routed experts' weights packed as w_gate_up [E, 2I, hidden] and w_down [E, hidden, I], the
-    layout the grouped GEMM reads. The expert modules are pointed at views of the packed tensors, so the weights
-    exist once (a layer's experts are briefly held twice while packing)."""
-    with torch.no_grad():
-        return {i: _pack_layer(layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)}
-
-
-def _pack_layer(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
-    inter, hidden = moe.experts[0].gate_proj.weight.shape
-    like = moe.experts[0].gate_proj.weight
-    gate_up = like.new_empty(len(moe.experts), 2 * inter, hidden)
-    down = like.new_empty(len(moe.experts), hidden, inter)
-    for e, expert in enumerate(moe.experts):
-        gate_up[e, :inter] = expert.gate_proj.weight
-        gate_up[e, inter:] = expert.up_proj.weight
-        down[e] = expert.down_proj.weight
-        expert.gate_proj.weight = nn.Parameter(gate_up[e, :inter], requires_grad=False)
-        expert.up_proj.weight = nn.Parameter(gate_up[e, inter:], requires_grad=False)
-        expert.down_proj.weight = nn.Parameter(down[e], requires_grad=False)
-    return gate_up, down
-
-
-def pack_linears(linears: list[nn.Linear]) -> torch.Tensor | None:
-    """One [sum of out_features, in_features] weight for bias-free Linears of the same input, each Linear's weight
-    pointed at its rows (the weights exist once); None where a bias or a subclass (a parallel layer) forbids it."""
-    if any(type(lin) is not nn.Linear or lin.bias is not None for lin in linears):
-        return None
-    with torch.no_grad():
-        packed = torch.cat([lin.weight for lin in linears])
-        begin = 0
-        for lin in linears:
-            lin.weight = nn.Parameter(packed[begin : begin + lin.out_features], requires_grad=False)
-            begin += lin.out_features
-    return packed
-
-
-def pack_input_projections(model: GlmForCausalLM) -> None:
-    """GEMMs that read the same input, as one: MLA's two down-projections, and gate and up of every dense MLP and
-    shared expert (routed experts are packed by `pack_experts`). At decode batch sizes each GEMM is a launch of a
-    few microseconds whatever its size."""
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        attn.a_proj = pack_linears([attn.q_a_proj, attn.kv_a_proj_with_mqa])
-        mlp = layer.mlp.shared_experts if isinstance(layer.mlp, MoE) else layer.mlp
-        if isinstance(mlp, MLP):
-            mlp.gate_up = pack_linears([mlp.gate_proj, mlp.up_proj])
-
-
-def fuse_elementwise(model: nn.Module) -> None:
-    """Run the model's chains of small elementwise launches as one Triton kernel each: every RMSNorm, every rotary
-    embedding (rounded once instead of after each product: a last-bit difference) and the routers' selection (one
-    group), SwiGLU's activation, and each residual add with the norm after it. At decode batch sizes a step's cost
-    is its launches, and these chains were a large share of them."""
-    from .kernels import activation, rms_norm, rope, router
-
-    for module in model.modules():
-        if isinstance(module, RMSNorm):
-            module.forward = lambda x, m=module: rms_norm.rms_norm_triton(x, m.weight, m.eps)
-            module.add_forward = lambda x, d, m=module: rms_norm.add_rms_norm_triton(x, d, m.weight, m.eps)
-        elif isinstance(module, MLP):
-            module.silu_mul = activation.silu_mul_triton
-        elif isinstance(module, MLA | Indexer):
-            module.rope = rope.rope_triton
-        elif isinstance(module, Router) and module.n_group == 1:
-            module.route = lambda logits, m=module: router.route_triton(
-                logits, m.e_score_correction_bias, m.top_k, m.norm_topk_prob, m.scaling
-            )
-
-
 class ModelRunner:
     def __init__(
         self,
         model: GlmForCausalLM,
         cache: PagedKVCache,
         attention: TorchAttention | TritonAttention | None = None,
-        cuda_graphs: bool | None = None,
-        max_graph_batch: int = 128,
         topk_layers: set[int] | None = None,
     ):
-        """`attention`: the backend (default: Triton on CUDA when the model's dims suit the kernels, else torch);
-        with Triton the rest of the fused path comes too. `cuda_graphs`: capture pure decode steps of up to
-        `max_graph_batch` sequences (default: on for the fused path on CUDA). `topk_layers`: the layers that run
-        their own top-k selection (default: those with an indexer); benchmarks pass all layers to switch
-        IndexShare off on a model built with an indexer everywhere."""
+        """`attention`: the backend (default: Triton for a model loaded fused, else torch). `topk_layers`: the
+        layers that run their own top-k selection (default: those with an indexer); benchmarks pass all layers to
+        switch IndexShare off on a model built with an indexer everywhere."""
         self.model = model
         self.config = model.config
         self.cache = cache
         self.device = model.lm_head.weight.device
         if attention is None:
-            fits = TritonAttention.supports(self.config)
-            if self.device.type == "cuda" and not fits:
-                log.warning("model dims do not suit the Triton kernels (powers of two >= 16): running plain torch")
-            attention = TritonAttention() if self.device.type == "cuda" and fits else TorchAttention()
+            attention = TritonAttention() if model.fused else TorchAttention()
         self.attention = attention
         self.fused = isinstance(attention, TritonAttention)
         # kv_b_proj split per head, for absorbed attention.
         self.absorbed = [layer.self_attn.absorbed_weights() for layer in model.model.layers]
-        self.packed_experts = pack_experts(model) if self.fused else {}
-        if self.fused:
-            from .kernels import moe as moe_kernels  # Triton loads with the fused path only
-
-            self.moe_kernels = moe_kernels
         self.write_kv = cache.write
         if self.fused:
-            from .kernels import kv_write
+            from .kernels import kv_write  # Triton loads with the fused path only
 
-            fuse_elementwise(model)
-            pack_input_projections(model)
             self.write_kv = functools.partial(kv_write.write_kv_triton, cache)
         self.topk_layers = topk_layers if topk_layers is not None else {
             i for i, layer in enumerate(model.model.layers) if layer.self_attn.indexer is not None
@@ -253,13 +165,7 @@ class ModelRunner:
         # Prefill workers stream finished layers out through it while later layers compute.
         self.layer_hook: Callable[[int, StepInputs], None] | None = None
         self.stage: StageTimer = no_stage
-        if cuda_graphs is None:
-            cuda_graphs = self.fused and self.device.type == "cuda"
-        self.graphs = None
-        if cuda_graphs:
-            from .cuda_graphs import DecodeGraphs
-
-            self.graphs = DecodeGraphs(self, max_graph_batch, capture=self.device.type == "cuda")
+        self.graphs = None  # a cuda_graphs.DecodeGraphs, attached by whoever wants pure decode steps replayed
 
     def set_stage_timer(self, stage: StageTimer) -> None:
         """Time the stages of eager steps (indexer, topk, attention, moe) through `stage(name)` contexts."""
@@ -382,15 +288,15 @@ class ModelRunner:
     def feed_forward(self, i: int, layer: DecoderLayer, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + the layer's MLP of h (the packed MoE adds its shared expert and the residual in its combine
         launch)."""
-        if i not in self.packed_experts:
-            return residual + layer.mlp(h)
+        moe = layer.mlp
+        if not isinstance(moe, MoE) or moe.packed is None:
+            return residual + moe(h)
+        from .kernels.moe import moe_experts
+
         with self.stage("moe"):
-            moe = layer.mlp
             expert_ids, weights = moe.gate(h)
             shared = moe.shared_experts(h) if moe.shared_experts is not None else None
-            return self.moe_kernels.moe_experts(
-                h, expert_ids, weights, *self.packed_experts[i], shared=shared, residual=residual
-            )
+            return moe_experts(h, expert_ids, weights, *moe.packed, shared=shared, residual=residual)
 
     def execute(self, step: StepInputs, keep_all_hidden: bool = False) -> StepOutput:
         """Embedding, every main layer, final norm and the logits rows of a prepared step."""

@@ -10,6 +10,8 @@ from .mlp import MLP
 class Router(nn.Module):
     """Sigmoid scores; the correction bias steers the choice but not the weights; group-limited top-k."""
 
+    fused = False  # set at load for serving (model/fusion.py) where n_group is 1: the selection in one kernel
+
     def __init__(self, config: GlmConfig):
         super().__init__()
         self.top_k = config.num_experts_per_tok
@@ -25,7 +27,11 @@ class Router(nn.Module):
         return self.route(x.float() @ self.weight.float().t())
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 logits [N, E] -> the routing (the fused runner swaps in one kernel where n_group is 1)."""
+        """fp32 logits [N, E] -> the routing."""
+        if self.fused:
+            from .kernels.router import route_triton
+
+            return route_triton(logits, self.e_score_correction_bias, self.top_k, self.norm_topk_prob, self.scaling)
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:
@@ -49,6 +55,10 @@ def shared_experts(config: GlmConfig) -> MLP | None:
 
 
 class MoE(nn.Module):
+    # set at load for serving (model/fusion.py): the routed experts packed as (w_gate_up [E, 2I, hidden],
+    # w_down [E, hidden, I]) for the grouped GEMM (each expert's weights are views of them)
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def __init__(self, config: GlmConfig):
         super().__init__()
         self.n_experts = config.n_routed_experts

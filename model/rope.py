@@ -30,3 +30,20 @@ def apply_rope(
     else:
         x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rotate(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleave: bool,
+    rotary_dim: int | None = None,
+    fused: bool = False,
+) -> torch.Tensor:
+    """`apply_rope`, or with `fused` (a model loaded for serving) the one-kernel version: rounded once instead of
+    after each product, a last-bit difference."""
+    if fused:
+        from .kernels.rope import rope_triton
+
+        return rope_triton(x, cos, sin, interleave, rotary_dim)
+    return apply_rope(x, cos, sin, interleave, rotary_dim)

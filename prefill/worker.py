@@ -53,7 +53,7 @@ class KVStreams:
         self.layout, self.latent, self.index_keys = engine.transfer_layout()
         self._senders: dict[str, KVSender] = {}
         self._senders_lock = threading.Lock()
-        self._outgoing: dict[str, _Outgoing] = {}  # engine sequence id -> transfer
+        self._outgoing: dict[str, _Outgoing] = {}  # engine request id (prefill requests are n=1) -> transfer
         engine.runner.layer_hook = self._on_layer
         engine.hidden_hook = self._on_hidden
 
@@ -93,7 +93,7 @@ class KVStreams:
                     out.transfer.send_layer(layer)
 
     def _on_hidden(self, request_id: str, hidden: torch.Tensor) -> None:
-        out = self._outgoing.get(f"{request_id}#0")
+        out = self._outgoing.get(request_id)
         if out is not None and out.transfer is not None:
             out.hidden = hidden.detach().clone()
 
@@ -106,16 +106,16 @@ class KVStreams:
 
     def track(self, request_id: str, prompt_len: int, transfer: OutgoingTransfer | MirroredTransfer | None) -> None:
         """Stream the prompt's KV into `transfer` as the engine computes it (before the engine's next step)."""
-        self._outgoing[f"{request_id}#0"] = _Outgoing(transfer, prompt_len)
+        self._outgoing[request_id] = _Outgoing(transfer, prompt_len)
 
     def complete(self, request_id: str, token: int, logprob: float, top: list[tuple[int, float]]) -> Future:
         """Hand over the first token and the last hidden state; resolves once the decode side has everything."""
-        out = self._outgoing[f"{request_id}#0"]
+        out = self._outgoing[request_id]
         return out.transfer.complete(token, logprob, top, out.hidden)
 
     def release(self, request_id: str) -> None:
         """On the engine thread: stop tracking the request and free the blocks held for its transfer."""
-        out = self._outgoing.pop(f"{request_id}#0", None)
+        out = self._outgoing.pop(request_id, None)
         if out is not None and out.held_blocks is not None:
             self.engine.block_manager.free(out.held_blocks)
 

@@ -41,6 +41,7 @@ from glmserve.api.response_models import (
 )
 from glmserve.api.response_models import ToolCall as ResponseToolCall
 from glmserve.api.sse import SSE_DONE, sse_event
+from glmserve.engine import SamplingParams
 
 openai = pytest.importorskip("openai")
 
@@ -292,7 +293,6 @@ def test_completion_request_prompts():
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"top_k": -2}, "top_k"),
         ({"min_p": 1.5}, "min_p"),
-        ({"max_tokens": 3, "min_tokens": 5}, "min_tokens"),
         ({"stop": [""]}, "stop"),
         ({"stop": 5}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
@@ -335,6 +335,15 @@ def test_completion_request_prompts():
 )
 def test_chat_validation_error_names_the_field(fields, param):
     assert chat_error_param(chat_body(**fields)) == param
+
+
+@pytest.mark.parametrize("limit", ["max_tokens", "max_completion_tokens"])
+def test_min_tokens_above_the_limit_names_min_tokens(limit):
+    """Checked once, by SamplingParams (offline users get the same check), on the parameters the request maps to."""
+    request = ChatCompletionRequest.model_validate_json(json.dumps(chat_body(**{limit: 3, "min_tokens": 5})))
+    with pytest.raises(ValidationError) as caught:
+        SamplingParams(**request.sampling_params(default_max_tokens=16))
+    assert from_validation_error(caught.value).param == "min_tokens"
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,11 @@ from glmserve.model.attention_backend import (
     index_chunk_plan,
 )
 from glmserve.model.config import GlmConfig
+from glmserve.model.cuda_graphs import DecodeGraphs
+from glmserve.model.fusion import fuse, pack_linears
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache
-from glmserve.model.model_runner import BlockTables, ModelRunner, SeqChunk, pack_linears
+from glmserve.model.model_runner import BlockTables, ModelRunner, SeqChunk
+from glmserve.model.moe import MoE
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -145,7 +148,9 @@ def _runner(fused: bool, device: str, dtype: torch.dtype = torch.float32) -> Mod
     cache = PagedKVCache(KVCacheSpec.from_config(config, dtype), num_blocks=24, device=device)
     if not fused:
         return ModelRunner(model, cache, attention=TorchAttention())
-    return ModelRunner(model, cache, attention=TritonAttention(), cuda_graphs=True, max_graph_batch=8)
+    runner = ModelRunner(fuse(model), cache)
+    runner.graphs = DecodeGraphs(runner, 8, capture=CUDA)
+    return runner
 
 
 def test_fused_runner_matches_torch_runner():
@@ -153,7 +158,8 @@ def test_fused_runner_matches_torch_runner():
     batches in graph form (eager on CPU): same logits, same KV, same greedy tokens."""
     device = "cuda" if CUDA else "cpu"
     plain, fused = _runner(False, device), _runner(True, device)
-    assert fused.fused and fused.graphs is not None and len(fused.packed_experts) == 2
+    assert fused.fused and fused.graphs is not None
+    assert sum(layer.mlp.packed is not None for layer in fused.model.model.layers if isinstance(layer.mlp, MoE)) == 2
     prompts = random_prompts([70, 10, 100], SMALL["vocab_size"], seed=5)
     tables = [[0, 1], [2], [3, 4]]
     steps = [
@@ -199,10 +205,9 @@ def test_fused_mtp_drafts_match_torch():
     tables = [[0, 1, 2], [3, 4, 5, 6]]
     outputs = []
     for fused in (False, True):
-        model = load_model(default_checkpoint(), dtype=torch.float32, device=device)
+        model = load_model(default_checkpoint(), dtype=torch.float32, device=device, fused=fused)
         cache = PagedKVCache(KVCacheSpec.from_config(model.config, torch.float32), 8, device)
-        backend = TritonAttention() if fused else TorchAttention()
-        runner = ModelRunner(model, cache, attention=backend, cuda_graphs=False)
+        runner = ModelRunner(model, cache)
         drafter = MTPDrafter(runner)
         target = runner.forward([SeqChunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)], True)
         sampled = target.logits.argmax(-1).tolist()
@@ -279,7 +284,7 @@ def _runner_for(config: GlmConfig, dtype: torch.dtype, num_blocks: int) -> Model
     device = "cuda" if CUDA else "cpu"
     model = random_model(config, dtype, device, seed=1)
     cache = PagedKVCache(KVCacheSpec.from_config(config, dtype), num_blocks, device)
-    return ModelRunner(model, cache, attention=TritonAttention(), cuda_graphs=False)
+    return ModelRunner(model, cache, attention=TritonAttention())
 
 
 @gpu

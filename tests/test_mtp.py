@@ -40,7 +40,7 @@ def test_greedy_with_mtp_equals_without(prompts, baseline, k):
     llm = LLM(num_speculative_tokens=k)
     assert _tokens(llm, prompts) == baseline
     _no_leaks(llm)
-    assert llm.engine.policy.drafted[0] > 0, "speculation never ran"
+    assert llm.engine.spec.policy.drafted[0] > 0, "speculation never ran"
 
 
 def test_mixed_batches_and_request_caps(prompts, baseline):
@@ -64,7 +64,7 @@ def test_accepted_drafts_stop_exactly(tmp_path_factory):
         a = plain.generate(prompt, params, use_tqdm=False)[0].outputs[0]
         b = spec.generate(prompt, params, use_tqdm=False)[0].outputs[0]
         assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
-    seqs_stats = spec.engine.policy
+    seqs_stats = spec.engine.spec.policy
     assert seqs_stats.accepted[0] > 0 and seqs_stats.accepted[3] > 0, "drafts should be accepted several at once"
     _no_leaks(spec)
 
@@ -97,7 +97,7 @@ def test_drafting_beside_prefill_chunks_with_shared_topk():
     prompts = random_prompts([300, 20, 330, 150, 140, 260, 90, 400], 8000, seed=8)
     want = _tokens(LLM(), prompts)
     llm = LLM(num_speculative_tokens=4, adaptive_speculation=False, max_num_batched_tokens=160)
-    assert llm.engine.drafter.share_topk
+    assert llm.engine.spec.drafter.share_topk
     assert _tokens(llm, prompts) == want
     _no_leaks(llm)
 
@@ -111,13 +111,13 @@ def test_speculative_step_graphs_equal_plain_decoding(prompts, baseline, k):
     llm = LLM(num_speculative_tokens=k, adaptive_speculation=False, max_num_seqs=8)
     engine = llm.engine
     engine.runner.graphs = DecodeGraphs(engine.runner, 8, capture=False)
-    engine.spec_graphs = SpecDecodeGraphs(engine.runner, engine.drafter, 8, k, capture=False)
+    engine.spec.graphs = SpecDecodeGraphs(engine.runner, engine.spec.drafter, 8, k, capture=False)
     topk = engine.config.index_topk
     assert _tokens(llm, prompts[:3], GREEDY) == baseline[:3]  # contexts <= index_topk: dense buckets
-    assert {key[3] for key in engine.spec_graphs.graphs} == {topk}
+    assert {key[3] for key in engine.spec.graphs.graphs} == {topk}
     assert _tokens(llm, prompts) == baseline
-    assert max(key[3] for key in engine.spec_graphs.graphs) > topk, "no sparse bucket"
-    assert engine.policy.accepted[0] > 0
+    assert max(key[3] for key in engine.spec.graphs.graphs) > topk, "no sparse bucket"
+    assert engine.spec.policy.accepted[0] > 0
     _no_leaks(llm)
     capped = [GREEDY.model_copy(update={"num_speculative_tokens": c}) for c in (0, 1, None, 2, 0)]
     assert _tokens(llm, prompts, capped) == baseline  # sequences with fewer drafts ride along padded
@@ -125,7 +125,9 @@ def test_speculative_step_graphs_equal_plain_decoding(prompts, baseline, k):
     # prompt chunks beside decoding sequences (a 48-token budget): drafting waits for the next pure decode step
     chunked = LLM(num_speculative_tokens=k, adaptive_speculation=False, max_num_seqs=8, max_num_batched_tokens=48)
     chunked.engine.runner.graphs = DecodeGraphs(chunked.engine.runner, 8, capture=False)
-    chunked.engine.spec_graphs = SpecDecodeGraphs(chunked.engine.runner, chunked.engine.drafter, 8, k, capture=False)
+    chunked.engine.spec.graphs = SpecDecodeGraphs(
+        chunked.engine.runner, chunked.engine.spec.drafter, 8, k, capture=False
+    )
     assert _tokens(chunked, prompts) == baseline
     _no_leaks(chunked)
     # min_tokens masks stop tokens: a step whose outputs are still short of it takes the eager path, counting outputs
@@ -148,9 +150,9 @@ def test_policy_times_decode_steps_only(prompts):
     it must not be taken for the cost of speculating."""
     llm = LLM(num_speculative_tokens=3)
     _tokens(llm, prompts, GREEDY.model_copy(update={"max_tokens": 1}))
-    assert not llm.engine.policy.samples
+    assert not llm.engine.spec.policy.samples
     _tokens(llm, prompts[:2], GREEDY)
-    assert llm.engine.policy.samples
+    assert llm.engine.spec.policy.samples
 
 
 @pytest.mark.parametrize("step_graphs", [False, True], ids=["eager", "step_graphs"])
@@ -164,7 +166,7 @@ def test_drafts_stop_at_max_model_len(step_graphs):
     if step_graphs:
         engine = llm.engine
         engine.runner.graphs = DecodeGraphs(engine.runner, 8, capture=False)
-        engine.spec_graphs = SpecDecodeGraphs(engine.runner, engine.drafter, 8, 4, capture=False)
+        engine.spec.graphs = SpecDecodeGraphs(engine.runner, engine.spec.drafter, 8, 4, capture=False)
     got = _tokens(llm, prompt, params)
     assert got == want and len(got[0]) == 10
     _no_leaks(llm)

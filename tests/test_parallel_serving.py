@@ -141,7 +141,7 @@ def test_a_dead_engine_is_a_503_for_clients():
             yield
 
     tokenizer = Tokenizer.from_pretrained(default_checkpoint())
-    server = OpenAIServer(DeadWorker(), tokenizer, "glm5-tiny", max_model_len=512, vocab_size=tokenizer.vocab_size)
+    server = OpenAIServer(DeadWorker(), tokenizer, "glm5-tiny", max_model_len=512)
     with pytest.raises(ServiceUnavailableError, match="rank 1 failed"):
         asyncio.run(server.completions(b'{"prompt": "x", "max_tokens": 2}'))
 

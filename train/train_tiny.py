@@ -3,9 +3,9 @@
     python -m glmserve.train.code_corpus --out .data          # tokenize here (the corpus depends on this Python)
     python -m glmserve.train.train_tiny --data .data --out DIR --seed 0 --minutes 9
 
-The training forward runs the same modules as `GlmForCausalLM` (MLA projections, indexer queries/keys/weights,
-router, experts, MTP fusion) with attention written for whole masked sequences, so the trained weights mean the
-same network at inference. The recipe, after DeepSeek-V3.2's DSA:
+The training forward is the reference forward (`DecoderLayer.reference_attention`, the MTP fusion), with the
+experts computed densely, so the trained weights mean the same network at inference. The recipe, after
+DeepSeek-V3.2's DSA:
 
 - Dense phase (the first `dense_fraction` of the steps): every layer attends to all causal keys. Each full layer's
   indexer learns, by KL, to match that layer's attention distribution (summed over heads, detached).
@@ -45,8 +45,6 @@ from tqdm import tqdm
 from glmserve.model.config import GlmConfig
 from glmserve.model.default_checkpoint import PACKAGED, random_init_
 from glmserve.model.glm import DecoderLayer, GlmForCausalLM
-from glmserve.model.indexer import causal_topk_mask, index_scores
-from glmserve.model.mla import MLA, MLAProjections
 from glmserve.model.moe import MoE
 from glmserve.model.weights import save_weights
 
@@ -101,17 +99,6 @@ def full_precision(device: torch.device):
         yield
 
 
-def attention(attn: MLA, p: MLAProjections, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expanded MLA attention over whole sequences: mask [B, S, T] -> (output [B, S, H*v], probs [B, H, S, T])."""
-    kv = attn.kv_b_proj(p.latent).unflatten(-1, (attn.n_heads, attn.nope_dim + attn.v_dim))
-    k_nope, v = kv.split([attn.nope_dim, attn.v_dim], dim=-1)
-    scores = torch.einsum("bshd,bthd->bhst", p.q_nope, k_nope) + torch.einsum("bshd,btd->bhst", p.q_rope, p.k_rope)
-    scores = (scores.float() * attn.scale).masked_fill(~mask[:, None], float("-inf"))
-    probs = scores.softmax(-1)
-    out = torch.einsum("bhst,bthd->bshd", probs.to(v.dtype), v).flatten(-2)
-    return out, probs
-
-
 def indexer_kl(scores: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over queries of KL(attention summed over heads || softmax of index scores), both over the keys in
     `mask`. scores [B, S, T] fp32 (with grad), probs [B, H, S, T] (detached)."""
@@ -141,39 +128,14 @@ def moe_forward(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def layer_forward(
-    layer: DecoderLayer,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    shared_mask: torch.Tensor | None,
-    sparse: bool,
+    layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, sparse: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One decoder layer -> (x, the attention mask it used, its indexer KL or None, its expert ids or None).
-
-    Dense: all causal keys. Sparse: a full layer's indexer top-k, or `shared_mask` from the full layer before."""
-    seq = x.shape[1]
-    positions = torch.arange(seq, device=x.device)
-    causal = (positions[None, :] <= positions[:, None]).expand(x.shape[0], seq, seq)
-    h = layer.input_layernorm(x)
-    attn = layer.self_attn
-    p = attn.project(h, cos, sin)
-    scores = None
-    mask = causal
-    if attn.indexer is not None:
-        with full_precision(x.device):
-            hd = h.detach().float()
-            q = attn.indexer.queries(p.q_resid.detach().float(), cos.float(), sin.float())
-            k = attn.indexer.keys(hd, cos.float(), sin.float())
-            scores = index_scores(q, k, attn.indexer.head_weights(hd))
-        if sparse:
-            mask = causal_topk_mask(scores.detach(), positions, positions, layer.topk)
-    elif sparse:
-        if shared_mask is None:
-            raise ValueError(f"layer {layer.layer_idx} shares top-k but no full layer ran before it")
-        mask = shared_mask
-    out, probs = attention(attn, p, mask)
-    kl = indexer_kl(scores, probs, mask) if scores is not None else None
-    x = x + attn.o_proj(out)
+    """One decoder layer: the reference attention block (dense: all causal keys; sparse: the indexer's top-k, or
+    IndexShare's `mask` from the full layer before), then the MLP with dense expert products. Returns (x, the mask
+    it attended with, its indexer KL or None, its expert ids or None)."""
+    positions = torch.arange(x.shape[1], device=x.device)
+    x, mask, trace = layer.reference_attention(x, positions, cos, sin, mask, dense=not sparse)
+    kl = indexer_kl(trace.index_scores, trace.probs, mask) if trace.index_scores is not None else None
     h = layer.post_attention_layernorm(x)
     if isinstance(layer.mlp, MoE):
         y, ids = moe_forward(layer.mlp, h)

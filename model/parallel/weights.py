@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ..config import GlmConfig
+from ..fusion import fuse
 from ..glm import GlmForCausalLM
 from ..loader import resolve_dtype
 from ..weights import check_names, checkpoint_files, read_tensor, set_tensor, target_dtype
@@ -27,8 +28,10 @@ def load_parallel_model(
     ctx: ParallelContext,
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
+    fused: bool = False,
 ) -> ParallelGlmForCausalLM:
-    """This rank's share of the checkpoint at `path`, ready to run with the other ranks of `ctx`'s replica."""
+    """This rank's share of the checkpoint at `path`, ready to run with the other ranks of `ctx`'s replica;
+    `fused` as `load_model`'s."""
     path = Path(path)
     config = GlmConfig.from_pretrained(path)
     with torch.device("meta"):
@@ -36,7 +39,7 @@ def load_parallel_model(
         whole = GlmForCausalLM(config)
     full_shapes = {name: tuple(t.shape) for name, t in whole.state_dict(keep_vars=True).items()}
     load_sharded_weights(model, full_shapes, path, resolve_dtype(dtype), device)
-    return model.eval()
+    return fuse(model.eval()) if fused else model.eval()
 
 
 def load_sharded_weights(
