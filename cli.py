@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
 
     train = sub.add_parser(
-        "train-tiny", help="train the embedded glm5-tiny (see model/train_tiny.py --help)", add_help=False
+        "train-tiny", help="train the embedded glm5-tiny (see train/train_tiny.py --help)", add_help=False
     )
     train.set_defaults(func=_train_tiny)
 

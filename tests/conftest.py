@@ -14,7 +14,10 @@ SHARED = Path(os.environ.get("GLMSERVE_SHARED", Path(__file__).resolve().parents
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.exists():
-        pytest.skip(f"shared data folder not found at {SHARED}")
+        pytest.fail(
+            f"the shared data folder is missing at {SHARED}: these tests need it (set GLMSERVE_SHARED to its path)",
+            pytrace=False,
+        )
     return SHARED
 
 

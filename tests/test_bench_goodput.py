@@ -9,6 +9,8 @@ from glmserve.bench.serve import BenchServeConfig
 from glmserve.cluster import serve_env
 from glmserve.cluster.serving_config import ServingConfig
 
+pytestmark = pytest.mark.slow  # serves both arrangements on Ray Serve
+
 
 def test_goodput_is_the_highest_rate_that_met_the_target():
     rows = [

@@ -22,6 +22,7 @@ def test_real_glm52_config_loads_and_derives(shared_dir):
     assert derived.indexer_types == config.indexer_types and derived.mlp_layer_types == config.mlp_layer_types
 
 
+@pytest.mark.slow
 def test_glm52_size_matches_published(shared_dir):
     size = model_size(GlmConfig.from_pretrained(shared_dir / "data/glm5/config.json"))
     for got, want in [(size.main, 743.4e9), (size.with_mtp, 753.3e9), (size.activated, 40.3e9)]:

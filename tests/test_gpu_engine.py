@@ -153,6 +153,7 @@ def _runner(fused: bool, device: str, dtype: torch.dtype = torch.float32) -> Mod
     return runner
 
 
+@pytest.mark.slow
 def test_fused_runner_matches_torch_runner():
     """Mixed steps: prompts below and above index_topk, a chunked prompt next to decode tokens, then padded decode
     batches in graph form (eager on CPU): same logits, same KV, same greedy tokens."""
@@ -182,6 +183,7 @@ def test_fused_runner_matches_torch_runner():
         assert relative_error(fused.cache.latent[layer], plain.cache.latent[layer]) < 1e-4
 
 
+@pytest.mark.slow
 def test_fused_runner_greedy_equals_torch():
     device = "cuda" if CUDA else "cpu"
     outputs = []
@@ -193,6 +195,7 @@ def test_fused_runner_greedy_equals_torch():
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.slow
 def test_fused_mtp_drafts_match_torch():
     """MTP catch-up, then a draft step of one of the two sequences reusing its catch-up picks (IndexShare across
     draft steps, as the engine runs it): same draft logits on both paths, on the embedded model."""

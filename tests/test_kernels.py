@@ -10,7 +10,6 @@ import torch
 
 from glmserve.model.kernels import (
     activation,
-    dsa_select,
     indexer,
     kv_write,
     moe,
@@ -237,15 +236,6 @@ def test_topk_causal_logits_ties_go_to_lower_positions():
     expected = cpu_rule(wide, 256)
     few = topk.topk_causal_logits_few_rows(wide, wide_pos.int(), 256)
     assert torch.equal(few.sort(dim=-1).values, expected.int().sort(dim=-1).values)
-
-
-def test_indexer_topk_chunks_match_one_pass():
-    positions = [[100, 129, 200, 255], [3, 64]]
-    case = indexer_case(torch.float32, 2, 16, [256, 65], positions)
-    _, _, _, _, _, query_pos = case
-    chunked = dsa_select.indexer_topk(*case, topk=48, max_logits_bytes=2 * 4 * 256)  # two queries per chunk
-    scores = indexer.indexer_logits_reference(*case)
-    assert_same_selection(chunked, scores, query_pos, 48)
 
 
 # ----------------------------------------------------------------------------------------------- MLA

@@ -134,6 +134,7 @@ def pools_bits(receiver: KVReceiver) -> list[torch.Tensor]:
     return [p.cpu().view(torch.int16).clone() for p in [*receiver.latent, *receiver.index_keys.values()]]
 
 
+@pytest.mark.slow
 def test_nccl_transport_with_gloo_between_two_processes():
     with make_receiver("nccl") as receiver:
         completion = transfer_to_completion(receiver, SenderProcess(receiver.address, "nccl"))
@@ -172,6 +173,7 @@ def pool_sender_main(address, transport, device, plan, connected, resume, halfwa
 
 
 @pytest.mark.parametrize("transport", ["tcp", "nccl"])
+@pytest.mark.slow
 def test_rows_sent_from_paged_pools_land_exactly(transport):
     with make_receiver(transport) as receiver:
         transfer_to_completion(receiver, SenderProcess(receiver.address, transport, target=pool_sender_main))
@@ -196,6 +198,7 @@ def test_sender_killed_mid_transfer_fails_the_transfer_promptly(transport):
             sender.stop()
 
 
+@pytest.mark.slow
 def test_stalled_sender_loses_its_lease_and_its_late_rows_are_dropped():
     lease_s = 1.0
     with make_receiver("tcp") as receiver:

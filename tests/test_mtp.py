@@ -69,6 +69,7 @@ def test_accepted_drafts_stop_exactly(tmp_path_factory):
     _no_leaks(spec)
 
 
+@pytest.mark.slow
 def test_verification_preserves_the_target_distribution():
     """Chi-square: tokens emitted by verify_drafts follow the target distribution, first and second position."""
     gen = torch.Generator().manual_seed(0)
@@ -91,6 +92,7 @@ def test_verification_preserves_the_target_distribution():
         assert chi2 < 18.5, f"chi-square {chi2:.1f} with 4 degrees of freedom (p < 0.001)"
 
 
+@pytest.mark.slow
 def test_drafting_beside_prefill_chunks_with_shared_topk():
     """Sequences drafting (context beyond index_topk, so the MTP passes reuse top-k picks) in the same steps as
     other sequences' prefill chunks: picks must follow their own sequences."""
@@ -103,6 +105,7 @@ def test_drafting_beside_prefill_chunks_with_shared_topk():
 
 
 @pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.slow
 def test_speculative_step_graphs_equal_plain_decoding(prompts, baseline, k):
     """The whole-step path CUDA graphs capture (verify, accept, catch-up and drafts on the device), run eagerly on
     its static inputs: the same tokens as plain decoding, with contexts crossing index_topk (dense then sparse
@@ -156,6 +159,7 @@ def test_policy_times_decode_steps_only(prompts):
 
 
 @pytest.mark.parametrize("step_graphs", [False, True], ids=["eager", "step_graphs"])
+@pytest.mark.slow
 def test_drafts_stop_at_max_model_len(step_graphs):
     """Near the end of the context drafts must not reach past max_model_len: at the model's full context their
     blocks would lie beyond the runner's block tables."""

@@ -13,6 +13,8 @@ from engine_fixtures import random_prompts
 
 from glmserve import LLM, SamplingParams
 
+pytestmark = pytest.mark.slow  # spawns the ranks of a replica
+
 TIMEOUT_S = 120
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True)

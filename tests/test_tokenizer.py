@@ -100,6 +100,7 @@ def test_matches_transformers(tokenizer):
         assert hf.encode(text, add_special_tokens=False) == tokenizer.encode(text)
 
 
+@pytest.mark.slow
 def test_code_compresses(tokenizer):
     """A tokenizer trained on Python source should need far fewer tokens than bytes on held-out Python."""
     root = train_tokenizer.stdlib_root()
@@ -108,6 +109,7 @@ def test_code_compresses(tokenizer):
     assert len(text.encode()) / len(tokenizer.encode(text)) > 3.0
 
 
+@pytest.mark.slow
 def test_heldout_rule():
     root = train_tokenizer.stdlib_root()
     train, heldout = train_tokenizer.corpus_files(root), train_tokenizer.corpus_files(root, heldout=True)

@@ -137,6 +137,7 @@ def _run(tmp_path, seed: int, steps: int = 40):
     return trainer, trainer.run(tmp_path, deadline=time.monotonic() + 120)
 
 
+@pytest.mark.slow
 def test_a_few_steps_learn_are_reproducible_and_save_a_loadable_checkpoint(tmp_path):
     trainer, result = _run(tmp_path / "a", seed=5)
     train_ce = [r["ce"] for r in result["train"]]

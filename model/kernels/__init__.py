@@ -1,6 +1,5 @@
 """Triton kernels for DSA sparse attention, MoE and RMSNorm, each with a plain-torch reference used off CUDA."""
 
-from glmserve.model.kernels.dsa_select import indexer_topk
 from glmserve.model.kernels.indexer import (
     indexer_logits,
     indexer_logits_fp8_triton,
@@ -27,7 +26,6 @@ from glmserve.model.kernels.paged_mla import (
 from glmserve.model.kernels.rms_norm import rms_norm_triton
 from glmserve.model.kernels.topk import (
     topk_causal_logits,
-    topk_positions,
     topk_positions_reference,
     topk_positions_triton,
 )
@@ -39,7 +37,6 @@ __all__ = [
     "indexer_logits_per_query_triton",
     "indexer_logits_reference",
     "indexer_logits_triton",
-    "indexer_topk",
     "mla_attention",
     "mla_attention_reference",
     "mla_attention_triton",
@@ -53,7 +50,6 @@ __all__ = [
     "rms_norm_triton",
     "route_tokens",
     "topk_causal_logits",
-    "topk_positions",
     "topk_positions_reference",
     "topk_positions_triton",
 ]

@@ -163,9 +163,3 @@ def topk_causal_logits_few_rows(logits: torch.Tensor, query_pos: torch.Tensor, k
     if width <= SPLIT_MAX_WIDTH:
         return topk_positions_split(logits, query_pos, k)
     return topk_causal_logits(logits, k)
-
-
-def topk_positions(scores: torch.Tensor, query_pos: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k positions through torch.topk everywhere: on the H200 (2026-11-29) the radix kernel took 0.36x-0.52x of
-    torch.topk's speed (2048 of 128K and of 1M), so it stays opt-in until it beats torch."""
-    return topk_positions_reference(scores, query_pos, k)
