@@ -39,10 +39,20 @@ def _serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _trace_error(error: FileNotFoundError) -> int:
+    """A trace that is not there is a mistake in the command line, not a crash: say where it was looked for."""
+    print(f"glmserve: error: {error}", file=sys.stderr)
+    return 2
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from glmserve.bench.serve import run_bench_serve
+    from glmserve.bench.traces import TraceNotFoundError
 
-    run_bench_serve(args)
+    try:
+        run_bench_serve(args)
+    except TraceNotFoundError as e:
+        return _trace_error(e)
     return 0
 
 
@@ -85,8 +95,12 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 def _bench_goodput(args: argparse.Namespace) -> int:
     from glmserve.bench.goodput import run_from_args
+    from glmserve.bench.traces import TraceNotFoundError
 
-    run_from_args(args)
+    try:
+        run_from_args(args)
+    except TraceNotFoundError as e:
+        return _trace_error(e)
     return 0
 
 

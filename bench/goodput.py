@@ -11,7 +11,6 @@ in both arrangements, so no run finds another's prompts in the prefix cache.
 
 import argparse
 import asyncio
-import json
 import logging
 
 from rich.console import Console
@@ -19,7 +18,9 @@ from rich.table import Table
 
 from glmserve.cluster.serving_config import ServingConfig
 
+from .report import write_report
 from .serve import BenchServeConfig, benchmark
+from .traces import resolve_trace
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def run_bench_goodput(
     device: str = "cpu",
     output_json: str | None = None,
 ) -> dict:
-    """Both arrangements at every rate; prints the table, writes JSON, returns the report."""
+    """Both arrangements at every rate; prints the table, writes JSON (a row per arrangement and rate), returns the
+    report."""
     import ray
 
     from glmserve.cluster.app import ray_init_kwargs
@@ -104,8 +106,8 @@ def run_bench_goodput(
     }
     _print(report, target)
     if output_json:
-        with open(output_json, "w") as f:
-            json.dump(report, f, indent=2)
+        table = [{"arrangement": name} | row for name, measured in results.items() for row in measured]
+        write_report(output_json, table, {k: v for k, v in report.items() if k not in ("benchmark", "results")})
     return report
 
 
@@ -142,6 +144,7 @@ def add_bench_goodput_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
+    resolve_trace(args.trace)  # a missing trace fails here, before Ray and two apps have started
     base = ServingConfig.from_yaml(args.config) if args.config else ServingConfig()
     base = base.model_copy(update={"port": args.port})
     if args.model:

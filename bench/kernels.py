@@ -11,9 +11,7 @@ chunk say so in their note. Times are medians of CUDA-event timings with the L2 
 
 import argparse
 import gc
-import json
 import logging
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from glmserve.bench.report import write_report
 from glmserve.model.kernels import indexer, moe, paged_mla, topk, topk_split
 
 log = logging.getLogger(__name__)
@@ -466,25 +465,16 @@ def render_table(rows: list[Row]) -> str:
 
 
 class BenchReport:
-    """A benchmark's JSON report (environment, rows, section results, errors, section times), rewritten after each
-    section so that a crash keeps what was measured before it."""
+    """A benchmark's JSON report (bench/report.py: the rows, and as its `extra` the section results, errors, section
+    times), rewritten after each section so that a crash keeps what was measured before it."""
 
-    def __init__(self, out_json: str | Path, command: str):
+    def __init__(self, out_json: str | Path):
         self.path = Path(out_json)
         self.rows: list[Row] = []
-        self.data: dict = {
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": command,
-            "errors": {},
-        }
+        self.data: dict = {"errors": {}}
 
     def write(self) -> None:
-        self.data["rows"] = [asdict(r) | {"speedup": r.speedup} for r in self.rows]
-        self.path.write_text(json.dumps(self.data, indent=2, default=str))
+        write_report(self.path, [asdict(r) | {"speedup": r.speedup} for r in self.rows], self.data)
 
     def run_sections(self, sections: list[tuple[str, Callable[[], object]]]) -> None:
         """Run each section; what one returns (if not None) is kept under its name, and one that fails is recorded
@@ -523,8 +513,7 @@ def run_kernel_bench(
     mla_contexts = mla_contexts or [8192, 32768, 131072, 524288]
     torch.manual_seed(0)
     timer = Timer()
-    command = f"python -m glmserve.bench.kernels --out {out_json}"
-    report = BenchReport(out_json, command + (" --sections " + " ".join(sections) if sections else ""))
+    report = BenchReport(out_json)
     rows = report.rows
     ceilings = report.data["ceilings"] = bench_ceilings(timer, rows)
     indexer_out: dict = {}  # the indexer section's logits (512 MiB): the top-k section selects from them, then drops

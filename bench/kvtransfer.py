@@ -11,7 +11,6 @@ plain device-to-device copy of the same bytes, the ceiling, and gives both as fr
 """
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from glmserve.bench.report import write_report
 from glmserve.kvtransfer.layout import KVLayout
 from glmserve.kvtransfer.receiver import KVReceiver
 from glmserve.kvtransfer.sender import KVSender
@@ -33,6 +33,7 @@ _SEED = 1234
 _WARMUP_TOKENS = 200  # past a whole block and a partial one: the copy kernel compiles for the shapes timed later
 _TIMEOUT_S = 300.0
 _REPEATS = 3  # best of: a sub-millisecond data plane is at the mercy of one scheduling hiccup
+_DETAIL_KEYS = ("runs", "sender")  # every run's times and the sender's report: the JSON's `extra`, not its row
 
 
 def bench_tcp(total_bytes: int = 1 << 30, chunk_bytes: int | None = None) -> dict:
@@ -216,7 +217,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     else:
         result = bench_transfer(args.transport, total, device)
     out = args.json or Path(f"kvtransfer-bench-{args.transport}.json")
-    out.write_text(json.dumps(result, indent=2))
+    row = {k: v for k, v in result.items() if k not in _DETAIL_KEYS}
+    write_report(out, [row], {k: result[k] for k in _DETAIL_KEYS})
     print(f"{'transport':<10} {'device':<8} {'GiB':>6} {'seconds':>8} {'GB/s':>7} {'exact':>6}")
     print(
         f"{result['transport']:<10} {result['device']:<8} {result['bytes'] / 2**30:>6.2f} {result['seconds']:>8.3f}"

@@ -614,11 +614,7 @@ def run_model_bench(
         long_context = min(long_context, 65536)
     torch.manual_seed(0)
     timer = Timer()
-    report = BenchReport(
-        out_json,
-        f"glmserve bench model --output-json {out_json}" + (" --quick" if quick else "")
-        + f" --sections {' '.join(sections)} --long-context {long_context}",
-    )  # fmt: skip
+    report = BenchReport(out_json)
     rows = report.rows
     ceilings = report.data["ceilings"] = bench_ceilings(timer, rows)
     runs = {

@@ -5,10 +5,10 @@ Prompts are held-out standard-library function headers with their docstrings (th
 trained on); completions are greedy, so every variant emits the same tokens and only the time differs.
 """
 
-import json
 import logging
 import time
 
+from glmserve.bench.report import write_report
 from glmserve.engine.llm import LLM
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.train.eval_tiny import function_prompts
@@ -17,7 +17,7 @@ from glmserve.train.train_tokenizer import corpus_files, stdlib_root
 log = logging.getLogger(__name__)
 KV_BUDGET = 1 << 30
 # Adaptive K meets the graphs of its small batch sizes over several passes (the tail of a pass, where requests
-# finish, differs from pass to pass); four passes were not enough on the H200 (docs/benchmarks.md).
+# finish, differs from pass to pass); four passes were not enough on the H200 (docs/bench/notes.md).
 _MAX_WARMUPS = 12
 
 
@@ -119,8 +119,7 @@ def run_bench_mtp(
         )
     result = {"benchmark": "mtp", "num_prompts": num_prompts, "max_tokens": max_tokens, "rows": rows}
     if output_json:
-        with open(output_json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_report(output_json, rows, {"num_prompts": num_prompts, "max_tokens": max_tokens})
     return result
 
 

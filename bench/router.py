@@ -11,7 +11,6 @@ DecodeWorker directly, and through the FastAPI app over httpx's ASGI transport (
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ import httpx
 import numpy as np
 import torch
 
+from glmserve.bench.report import write_report
 from glmserve.cluster.serving_config import ServingConfig
 from glmserve.engine.request import EngineRequest
 from glmserve.engine.sampling_params import SamplingParams
@@ -178,6 +178,5 @@ def run_bench_router(num_requests: int = 200, port: int = 8123, output_json: str
     print(f"{'FastAPI app (ASGI) -> worker':<28}{row['in_process_api_p50_ms']:>9.2f}")
     print(f"{'added by our API layer':<28}{row['in_process_api_overhead_p50_ms']:>9.2f}")
     if output_json:
-        with open(output_json, "w") as f:
-            json.dump({"benchmark": "router", "goal_ms": GOAL_MS, **row}, f, indent=2)
+        write_report(output_json, [row], {"goal_ms": GOAL_MS})
     return row

@@ -6,12 +6,12 @@ at 32K tokens of context should cost the same.
 """
 
 import gc
-import json
 import logging
 import time
 
 import numpy as np
 
+from glmserve.bench.report import write_report
 from glmserve.engine.block_manager import BlockManager
 from glmserve.engine.sampling_params import SamplingParams
 from glmserve.engine.scheduler import Scheduler
@@ -77,6 +77,5 @@ def run_bench_scheduler(
             f"{r['vs_budget']:>11.2f} {r['vs_shortest_context']:>12.2f}"
         )
     if output_json:
-        with open(output_json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_report(output_json, rows, {"budget_ms": BUDGET_MS, "steps": steps})
     return result

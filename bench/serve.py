@@ -7,9 +7,10 @@ Each request streams `/v1/completions` (`max_tokens` from the workload, `ignore_
 - E2EL: sending -> the last text chunk;
 - TPOT: (E2EL - TTFT) / (output tokens - 1), output tokens from `usage` (else the number of text chunks).
 Goodput (DistServe, Zhong et al., OSDI 2024): completed requests per second that meet both the TTFT and the TPOT
-SLO; attainment is their share of the requests sent (failures count against it). The JSON uses the keys of
-`vllm bench serve` (`request_throughput`, `request_goodput`, `mean_ttft_ms`, `p99_itl_ms`, ...; the per-request
-lists `ttfts`, `itls`, `e2els` are in seconds, as vLLM's).
+SLO; attainment is their share of the requests sent (failures count against it). The JSON (bench/report.py) has one
+row, the run's summary under the keys of `vllm bench serve` (`request_throughput`, `request_goodput`,
+`mean_ttft_ms`, `p99_itl_ms`, ...); its `extra` holds the config and the per-request lists (`ttfts`, `itls`,
+`e2els` in seconds, as vLLM's).
 
 Prompts are text of about `input_len` tokens by default (any tokenizer), or exact token ids with `--token-ids`
 (servers that accept token-id prompts: vLLM and ours). Prompts repeat across runs with the same `--seed`, so a
@@ -25,8 +26,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -36,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from .report import write_report
 from .traces import (
     NAMED_TRACES,
     PromptBuilder,
@@ -51,6 +51,8 @@ from .traces import (
 log = logging.getLogger(__name__)
 
 LATENCY_METRICS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
+# the summary's keys that are not figures of the run (its config, per-request lists): the JSON's `extra`
+_DETAIL_KEYS = ("config", "input_lens", "output_lens", "ttfts", "itls", "e2els", "errors")
 
 
 class BenchServeConfig(BaseModel):
@@ -377,7 +379,6 @@ async def benchmark(config: BenchServeConfig) -> dict:
     )
     model, results, not_sent, elapsed = await run_requests(config, requests, prompts)
     summary = {
-        "date": datetime.now().isoformat(timespec="seconds"),
         "model_id": model,
         "base_url": config.api_root,
         "config": config.model_dump(mode="json", exclude={"api_key"}),
@@ -403,7 +404,9 @@ def add_bench_serve_args(parser: argparse.ArgumentParser) -> None:
         help=f"replay a trace: {', '.join(NAMED_TRACES)}, or a .csv (Azure) / .jsonl "
         "(Mooncake) path; without it, synthetic lengths",
     )
-    work.add_argument("--trace-dir", help="folder of the named traces (default: $GLMSERVE_TRACE_DIR or shared data)")
+    work.add_argument(
+        "--trace-dir", help="folder of the named traces, plain or .gz (default: $GLMSERVE_TRACE_DIR, else packaged)"
+    )
     work.add_argument(
         "--trace-rate",
         type=float,
@@ -473,8 +476,7 @@ def run_bench_serve(args: argparse.Namespace) -> dict:
     summary = asyncio.run(benchmark(config))
     print_report(summary, config)
     if config.output_json:
-        path = Path(config.output_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2))
-        log.info("wrote %s", path)
+        row = {k: v for k, v in summary.items() if k not in _DETAIL_KEYS}
+        write_report(config.output_json, [row], {k: summary[k] for k in _DETAIL_KEYS})
+        log.info("wrote %s", config.output_json)
     return summary

@@ -1,23 +1,25 @@
 """Benchmark workloads: production traces, synthetic load, and the prompts sent for them.
 
-Traces (in the shared data folder, `traces/`):
+Traces, packaged gzip-compressed in `bench/data/` (sources, licenses and citations in its NOTICE.md):
 - Azure LLM inference 2023 (`TIMESTAMP,ContextTokens,GeneratedTokens`), code and conversation, one hour each.
   Source: Azure/AzurePublicDataset, CC-BY 4.0; cite Patel et al., "Splitwise", ISCA 2024.
 - Mooncake conversation (`{"timestamp" ms, "input_length", "output_length", "hash_ids"}`), where `hash_ids` name the
   prompt's 512-token blocks, so requests with equal leading ids share a prompt prefix. Source: kvcache-ai/Mooncake
-  (FAST'25 release), Apache-2.0.
+  (FAST'25 release), Apache-2.0; cite Qin et al., "Mooncake", FAST 2025.
 
 Every workload becomes a list of `TraceRequest` sorted by arrival. `PromptBuilder` turns one into a prompt of its
 length; blocks named by the same hash id get the same tokens, so replaying Mooncake exercises prefix caching.
 """
 
 import csv
+import gzip
 import math
 import os
 from dataclasses import dataclass, replace
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,13 +30,41 @@ NAMED_TRACES = {
     "azure-conv": "azure_llm_2023_conv.csv",
     "mooncake": "mooncake_conversation.jsonl",
 }
+PACKAGED_TRACE_DIR = Path(__file__).with_name("data")
 
 
-def default_trace_dir() -> Path:
-    """`$GLMSERVE_TRACE_DIR`, else the project's shared data folder next to the checkout."""
-    if "GLMSERVE_TRACE_DIR" in os.environ:
-        return Path(os.environ["GLMSERVE_TRACE_DIR"])
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "traces"
+class TraceNotFoundError(FileNotFoundError):
+    """No trace file where one was looked for; the message says where that was."""
+
+
+def resolve_trace(name_or_path: str, trace_dir: str | Path | None = None) -> Path:
+    """The file of a trace path, or of a named trace (plain or `.gz`) in the first of: `trace_dir`,
+    `$GLMSERVE_TRACE_DIR`, the traces packaged with glmserve."""
+    if name_or_path not in NAMED_TRACES:
+        path = Path(name_or_path)
+        if path.is_file():
+            return path
+        raise TraceNotFoundError(f"trace file not found: {path} (named traces: {', '.join(NAMED_TRACES)})")
+    if trace_dir:
+        folder, source = Path(trace_dir), "--trace-dir"
+    elif os.environ.get("GLMSERVE_TRACE_DIR"):
+        folder, source = Path(os.environ["GLMSERVE_TRACE_DIR"]), "$GLMSERVE_TRACE_DIR"
+    else:
+        folder, source = PACKAGED_TRACE_DIR, "the traces packaged with glmserve"
+    file = NAMED_TRACES[name_or_path]
+    for path in (folder / file, folder / f"{file}.gz"):
+        if path.is_file():
+            return path
+    raise TraceNotFoundError(
+        f"trace {name_or_path!r} not found: looked for {file} and {file}.gz in {folder} (from {source})"
+    )
+
+
+def _open_text(path: Path) -> TextIO:
+    """A trace file for reading, gzip-compressed or not (by its `.gz` suffix)."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", newline="")
+    return open(path, newline="")
 
 
 @dataclass(frozen=True)
@@ -61,7 +91,7 @@ class MooncakeRow(BaseModel):
 
 
 def load_azure_trace(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
-    with open(path, newline="") as f:
+    with _open_text(Path(path)) as f:
         rows = [AzureRow.model_validate(r) for r in islice(csv.DictReader(f), limit)]
     if not rows:
         return []
@@ -71,7 +101,7 @@ def load_azure_trace(path: str | Path, limit: int | None = None) -> list[TraceRe
 
 
 def load_mooncake_trace(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
-    with open(path) as f:
+    with _open_text(Path(path)) as f:
         lines = islice((line for line in f if line.strip()), limit)
         rows = [MooncakeRow.model_validate_json(line) for line in lines]
     if not rows:
@@ -84,18 +114,15 @@ def load_mooncake_trace(path: str | Path, limit: int | None = None) -> list[Trac
 
 
 def load_trace(name_or_path: str, limit: int | None = None, trace_dir: str | Path | None = None) -> list[TraceRequest]:
-    """A named trace (`azure-code`, `azure-conv`, `mooncake`) or a file path; `.csv` is Azure, `.jsonl` Mooncake."""
-    if name_or_path in NAMED_TRACES:
-        path = Path(trace_dir or default_trace_dir()) / NAMED_TRACES[name_or_path]
-    else:
-        path = Path(name_or_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"trace not found: {path} (named traces: {', '.join(NAMED_TRACES)})")
-    if path.suffix == ".csv":
+    """A named trace (`azure-code`, `azure-conv`, `mooncake`) or a file path; `.csv` is Azure, `.jsonl` Mooncake,
+    either of them possibly gzip-compressed (`.csv.gz`, `.jsonl.gz`)."""
+    path = resolve_trace(name_or_path, trace_dir)
+    kind = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    if kind == ".csv":
         return load_azure_trace(path, limit)
-    if path.suffix in (".jsonl", ".json"):
+    if kind in (".jsonl", ".json"):
         return load_mooncake_trace(path, limit)
-    raise ValueError(f"unknown trace format {path.suffix!r}: expected .csv (Azure) or .jsonl (Mooncake)")
+    raise ValueError(f"unknown trace format {kind!r}: expected .csv (Azure) or .jsonl (Mooncake), maybe .gz")
 
 
 def synthetic_requests(

@@ -35,16 +35,19 @@ def test_arrangements_use_two_single_device_replicas():
 
 
 @pytest.mark.slow
-def test_both_arrangements_serve_the_trace(tmp_path, monkeypatch, shared_dir):
+def test_both_arrangements_serve_the_trace(tmp_path, monkeypatch):
     for key, value in serve_env.PROXY_ENV.items():  # what the run sets, undone after the test
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("GLMSERVE_TRACE_DIR", raising=False)  # the packaged trace
     workload = BenchServeConfig(
-        trace="azure-code", trace_dir=str(shared_dir / "data" / "traces"), trace_rate=2.0, num_requests=6,
-        length_scale=8, max_output_len=16, token_ids=True, slo_ttft_ms=5000, slo_tpot_ms=500,
+        trace="azure-code", trace_rate=2.0, num_requests=6, length_scale=8, max_output_len=16, token_ids=True,
+        slo_ttft_ms=5000, slo_tpot_ms=500,
     )  # fmt: skip
     out = tmp_path / "goodput.json"
     report = run_bench_goodput(ServingConfig(port=8125), workload, [2.0], "cpu", str(out))
-    assert json.loads(out.read_text())["goodput"] == report["goodput"]
+    written = json.loads(out.read_text())
+    assert written["extra"]["goodput"] == report["goodput"]
+    assert [(r["arrangement"], r["rate"]) for r in written["rows"]] == [("disaggregated", 2.0), ("colocated", 2.0)]
     for name in ("disaggregated", "colocated"):
         (row,) = report["results"][name]
         assert row["failed"] == 0 and 0.0 <= row["slo_attainment"] <= 1.0

@@ -1,9 +1,11 @@
 """`glmserve bench serve` and its workloads: timings against a local server with injected delays, metric math
-against numpy, goodput counting, never hanging, and trace loading from the real trace files."""
+against numpy, goodput counting, never hanging, and trace loading from the packaged trace files."""
 
 import argparse
 import asyncio
 import csv
+import gzip
+import hashlib
 import itertools
 import json
 import math
@@ -18,7 +20,10 @@ from aiohttp import web
 
 from glmserve.bench.serve import add_bench_serve_args, latency_stats, run_bench_serve
 from glmserve.bench.traces import (
+    NAMED_TRACES,
+    PACKAGED_TRACE_DIR,
     PromptBuilder,
+    TraceNotFoundError,
     TraceRequest,
     load_trace,
     prefix_block_tokens,
@@ -27,6 +32,7 @@ from glmserve.bench.traces import (
     synthetic_requests,
     with_poisson_arrivals,
 )
+from glmserve.cli import main as cli_main
 
 # The fake server picks its behaviour from max_tokens, the one thing a workload controls per request.
 SLOW_FIRST_TOKEN_LEN = 11  # first token after SLOW_TTFT_S
@@ -134,7 +140,8 @@ def test_measures_injected_delays(server, fake, tmp_path):
                 "--max-concurrency", "3", "--token-ids")  # fmt: skip
     assert (out["completed"], out["failed"], out["not_sent"]) == (6, 0, 0)
     assert out["model_id"] == "fake-model"
-    assert json.loads((tmp_path / "out.json").read_text())["p99_ttft_ms"] == pytest.approx(out["p99_ttft_ms"])
+    (row,) = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert row["p99_ttft_ms"] == pytest.approx(out["p99_ttft_ms"])
     # Chunks cannot come before the server sends them; a busy machine can only make them late (and one gap short).
     for ttft, itls, e2el in zip(out["ttfts"], out["itls"], out["e2els"], strict=True):
         assert 0.1 <= ttft < 0.2
@@ -228,11 +235,70 @@ def test_text_prompts_and_usage_fallback(server, fake, tmp_path):
 # ---- traces ----
 
 
-def test_azure_traces_load_as_recorded(shared_dir):
-    for name, file in [("azure-code", "azure_llm_2023_code.csv"), ("azure-conv", "azure_llm_2023_conv.csv")]:
-        with open(shared_dir / "data" / "traces" / file) as f:
-            rows = [row for _, row in zip(range(100), csv.DictReader(f), strict=False)]
-        requests = load_trace(name, limit=100, trace_dir=shared_dir / "data" / "traces")
+# What the published files load as (measured against the uncompressed originals, the sha256s of bench/data/NOTICE.md):
+# count, first and last request, and the sha256 of the repr of the whole list.
+PUBLISHED = {
+    "azure-code": (8819, TraceRequest(0.0, 4808, 10), TraceRequest(3435.948056, 549, 173),
+                   "36d143d4b67e1eec3c2b53d0c3c9937bb497f70427c508b9ec2c59b295f1ffd0"),
+    "azure-conv": (19366, TraceRequest(0.0, 374, 44), TraceRequest(3501.721937, 197, 183),
+                   "5e7412e01ce00f80c58645b7ccba6b19f064e8b04f2747ab28819db2ab20416f"),
+    "mooncake": (12031, TraceRequest(0.0, 6758, 500, tuple(range(14))),
+                 TraceRequest(3536.999, 20774, 508, (0, *range(182750, 182790))),
+                 "2d76e2105d0bafa50962ea8dce40fc6ee54eece649debc662e39c86401a356ff"),
+}  # fmt: skip
+
+
+def _packaged_lines(name: str, limit: int) -> list[str]:
+    with gzip.open(PACKAGED_TRACE_DIR / f"{NAMED_TRACES[name]}.gz", "rt", newline="") as f:
+        return [line for _, line in zip(range(limit), f, strict=False)]
+
+
+@pytest.fixture(autouse=True)
+def packaged_traces(monkeypatch):
+    """Named traces load from the package, whatever this shell's $GLMSERVE_TRACE_DIR."""
+    monkeypatch.delenv("GLMSERVE_TRACE_DIR", raising=False)
+
+
+def test_packaged_traces_load_as_published():
+    for name, (count, first, last, digest) in PUBLISHED.items():
+        requests = load_trace(name)
+        assert (len(requests), requests[0], requests[-1]) == (count, first, last), name
+        assert hashlib.sha256(repr(requests).encode()).hexdigest() == digest, name
+
+
+def test_trace_dir_overrides_the_packaged_traces(tmp_path, monkeypatch):
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    (plain / NAMED_TRACES["azure-code"]).write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:17:0{i}.0000000,{10 + i},{i + 1}\n" for i in range(3)
+    ))  # fmt: skip
+    with gzip.open(packed / f"{NAMED_TRACES['mooncake']}.gz", "wt") as f:
+        f.write('{"timestamp": 0, "input_length": 600, "output_length": 2, "hash_ids": [7, 8]}\n')
+    monkeypatch.setenv("GLMSERVE_TRACE_DIR", str(plain))
+    assert load_trace("azure-code") == [TraceRequest(float(i), 10 + i, i + 1) for i in range(3)]
+    assert load_trace("mooncake", trace_dir=packed) == [TraceRequest(0.0, 600, 2, (7, 8))]  # the argument wins
+    monkeypatch.setenv("GLMSERVE_TRACE_DIR", str(packed))
+    assert load_trace("mooncake") == [TraceRequest(0.0, 600, 2, (7, 8))]
+    assert load_trace(str(packed / f"{NAMED_TRACES['mooncake']}.gz")) == load_trace("mooncake")
+
+
+def test_a_missing_trace_is_an_error_naming_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GLMSERVE_TRACE_DIR", str(tmp_path))
+    with pytest.raises(TraceNotFoundError, match=f"azure_llm_2023_conv.csv.gz in {tmp_path} .*GLMSERVE_TRACE_DIR"):
+        load_trace("azure-conv")
+    with pytest.raises(TraceNotFoundError, match="trace file not found: nowhere.csv"):
+        load_trace("nowhere.csv")
+    assert cli_main(["bench", "serve", "--trace", "azure-code", "--trace-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"looked for azure_llm_2023_code.csv and azure_llm_2023_code.csv.gz in {tmp_path / 'x'}" in err
+    assert "Traceback" not in err
+
+
+def test_azure_traces_load_as_recorded():
+    for name in ("azure-code", "azure-conv"):
+        rows = list(csv.DictReader(_packaged_lines(name, 101)))
+        requests = load_trace(name, limit=100)
         t0 = datetime.fromisoformat(rows[0]["TIMESTAMP"])
         assert len(requests) == 100 and requests[0].arrival_s == 0
         arrivals = [r.arrival_s for r in requests]
@@ -243,11 +309,9 @@ def test_azure_traces_load_as_recorded(shared_dir):
             assert req.prefix_hash_ids is None
 
 
-def test_mooncake_trace_loads_as_recorded(shared_dir):
-    path = shared_dir / "data" / "traces" / "mooncake_conversation.jsonl"
-    with open(path) as f:
-        rows = [json.loads(line) for _, line in zip(range(100), f, strict=False)]
-    requests = load_trace(str(path), limit=100)
+def test_mooncake_trace_loads_as_recorded():
+    rows = [json.loads(line) for line in _packaged_lines("mooncake", 100)]
+    requests = load_trace("mooncake", limit=100)
     assert len(requests) == 100
     assert [r.arrival_s for r in requests] == sorted(r.arrival_s for r in requests)
     for req, row in zip(requests, rows, strict=True):
@@ -258,8 +322,8 @@ def test_mooncake_trace_loads_as_recorded(shared_dir):
         assert req.input_len <= 512 * len(req.prefix_hash_ids)
 
 
-def test_rescale_keeps_the_burst_shape(shared_dir):
-    requests = load_trace("azure-conv", limit=100, trace_dir=shared_dir / "data" / "traces")
+def test_rescale_keeps_the_burst_shape():
+    requests = load_trace("azure-conv", limit=100)
     rescaled = rescale_to_rate(requests, 5.0)
     span = rescaled[-1].arrival_s - rescaled[0].arrival_s
     assert 99 / span == pytest.approx(5.0)
@@ -297,9 +361,8 @@ def _shared_leading(a: tuple, b: tuple) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def test_mooncake_prompts_share_prefixes(shared_dir):
-    path = shared_dir / "data" / "traces" / "mooncake_conversation.jsonl"
-    requests = scale_lengths(load_trace(str(path), limit=100), length_scale=64)
+def test_mooncake_prompts_share_prefixes():
+    requests = scale_lengths(load_trace("mooncake", limit=100), length_scale=64)
     builder = PromptBuilder(block_tokens=prefix_block_tokens(64), token_id_range=(1000, 8000), seed=0)
     tokens = [np.array(builder.token_ids(i, r)) for i, r in enumerate(requests)]
     words = [builder.text(i, r).split() for i, r in enumerate(requests)]
