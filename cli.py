@@ -9,6 +9,7 @@ from pathlib import Path
 def _info(args: argparse.Namespace) -> int:
     from glmserve.model.config import GlmConfig
     from glmserve.model.default_checkpoint import PACKAGED
+    from glmserve.model.footprint import NODES, fit_report
     from glmserve.model.kv_cache import kv_bytes_report
     from glmserve.model.size import model_size
 
@@ -23,6 +24,7 @@ def _info(args: argparse.Namespace) -> int:
     )
     print(model_size(config).table())
     print(kv_bytes_report(config))
+    print(fit_report(config, NODES[args.node]))
     return 0
 
 
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = info.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory (default: the embedded glm5-tiny)")
     src.add_argument("--config", help="a config.json file")
+    info.add_argument("--node", default="8x H200", choices=["8x H200", "8x H100", "8x B200"], help="node to fit on")
     info.set_defaults(func=_info)
 
     train = sub.add_parser(
@@ -155,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     kernels.set_defaults(
         func=lambda a: _run_quiet("glmserve.bench.kernels", "run_kernel_bench", a.output_json, None, a.sections)
     )
+    fp8 = bench.add_parser("fp8", help="FP8 GEMMs on GLM-5.2's shapes vs bf16 and the GPU's ceilings (CUDA)")
+    fp8.add_argument("--shapes", nargs="+", default=None, help="weight shapes by name (default: all; see bench/fp8.py)")
+    fp8.add_argument("--rows", nargs="+", type=int, default=None, help="row counts M (default: 1 to 16384)")
+    fp8.add_argument("--output-json", default="bench_fp8.json")
+    fp8.set_defaults(func=lambda a: _run_quiet("glmserve.bench.fp8", "run_bench_fp8", a.shapes, a.rows, a.output_json))
     model = bench.add_parser("model", help="engine prefill/decode vs transformers and the HBM roofline; 1M prefill")
     model.add_argument("--output-json", default="bench_model.json")
     model.add_argument("--sections", nargs="+", default=None, help="small, large, attention (default: all)")

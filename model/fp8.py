@@ -22,3 +22,19 @@ def quantize_fp8_blockwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
     q = (blocks / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn)
     return q.view(rows + pad_r, cols + pad_c)[:rows, :cols].contiguous(), scale_inv
+
+
+def quantize_fp8_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations x [M, K] (K a multiple of 128) -> (e4m3 [M, K], fp32 scales [M, K/128]): one scale per token per
+    128 channels, computed on the fly (DeepSeek-V3's dynamic 1x128 activation scaling)."""
+    rows, cols = x.shape
+    groups = x.float().view(rows, cols // BLOCK, BLOCK)
+    scale = groups.abs().amax(-1).clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    q = (groups / scale[..., None]).to(torch.float8_e4m3fn)
+    return q.view(rows, cols), scale
+
+
+def blockwise_supported(out_features: int, in_features: int) -> bool:
+    """Whether cuBLAS's blockwise FP8 GEMM takes a weight of this shape: whole 128-blocks, and along K a multiple of
+    4 of them (on the H200, torch 2.11, it refuses K=768)."""
+    return out_features % BLOCK == 0 and in_features % (4 * BLOCK) == 0

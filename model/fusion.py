@@ -6,7 +6,7 @@ what `fuse` set (`fused`, `a_proj`, `gate_up`, `packed`) in its own forward.
 
 - MLA's two down-projections and gate and up of every dense MLP and shared expert: one GEMM each (at decode batch
   sizes a GEMM is a launch of a few microseconds whatever its size);
-- the routed experts of each MoE layer: packed for one grouped GEMM;
+- the routed experts of each MoE layer: packed for one grouped GEMM (bf16 experts; FP8 ones run as Fp8Linear);
 - chains of small elementwise launches: one Triton kernel each (RMSNorm, residual add + RMSNorm, rotary
   embedding, SwiGLU's activation, the routers' selection where n_group is 1).
 """
@@ -38,8 +38,8 @@ def fuse(model: GlmForCausalLM) -> GlmForCausalLM:
             mlp = layer.mlp.shared_experts if isinstance(layer.mlp, MoE) else layer.mlp
             if isinstance(mlp, MLP):
                 mlp.gate_up = pack_linears([mlp.gate_proj, mlp.up_proj])
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.packed = _pack_experts(layer.mlp)
+            if isinstance(layer.mlp, MoE) and type(layer.mlp.experts[0].gate_proj) is nn.Linear:
+                layer.mlp.packed = _pack_experts(layer.mlp)  # FP8 experts keep their own weights and scales
     for module in model.modules():
         if isinstance(module, RMSNorm | MLP | MLA | Indexer) or (isinstance(module, Router) and module.n_group == 1):
             module.fused = True

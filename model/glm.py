@@ -65,7 +65,7 @@ class DecoderLayer(nn.Module):
         p = attn.project(h, cos, sin)
         scores = None
         if attn.indexer is not None:
-            indexer, dtype = attn.indexer, attn.indexer.wk.weight.dtype
+            indexer, dtype = attn.indexer, attn.indexer.k_norm.weight.dtype
             # In its weights' dtype even under autocast (fp32 in training, as at inference), on detached inputs:
             # in training only the indexer's own KL loss moves it.
             with torch.autocast(x.device.type, enabled=False):

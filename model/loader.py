@@ -8,7 +8,7 @@ from .config import GlmConfig
 from .default_checkpoint import default_checkpoint
 from .fusion import fuse
 from .glm import GlmForCausalLM
-from .weights import load_weights
+from .weights import checkpoint_files, keep_fp8, load_weights
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -32,9 +32,11 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     fused: bool = False,
+    dequantize_fp8: bool = False,
 ) -> GlmForCausalLM:
     """Build the network from `path`'s config.json and load its safetensors. `None` loads the embedded glm5-tiny.
     `fused`: in its serving form (model/fusion.py: packed weights, Triton kernels; CUDA), else the reference.
+    FP8 block-quantized Linear weights stay FP8 (`Fp8Linear`) unless `dequantize_fp8`.
 
     `model(input_ids)` returns full-sequence causal logits [B, T, vocab].
     """
@@ -42,5 +44,8 @@ def load_model(
     config = GlmConfig.from_pretrained(path)
     with torch.device("meta"):
         model = GlmForCausalLM(config)
-    load_weights(model, path, resolve_dtype(dtype), device)
+    dtype = resolve_dtype(dtype)
+    if not dequantize_fp8:
+        keep_fp8(model, checkpoint_files(path), dtype)
+    load_weights(model, path, dtype, device)
     return fuse(model.eval()) if fused else model.eval()

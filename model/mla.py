@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GlmConfig
+from .fp8_linear import dense_weight
 from .indexer import Indexer
 from .norm import RMSNorm
 from .rope import rotate
@@ -74,7 +75,7 @@ class MLA(nn.Module):
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_uk [H, nope, kv_lora], W_uv [H, v, kv_lora]): kv_b_proj split per head, for latent-space attention."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = dense_weight(self.kv_b_proj).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def reference_attention(self, p: MLAProjections, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -255,7 +255,7 @@ class ModelRunner:
             max_queries_per_seq=max(b - a for a, b in itertools.pairwise(query_start)),
         )
         slots = block_tables[query_seq.long(), positions // bs].long() * bs + positions % bs
-        cos, sin = self.model.rope(positions, self.model.lm_head.weight.dtype)
+        cos, sin = self.model.rope(positions, self.model.model.embed_tokens.weight.dtype)
         return StepInputs(chunks, ids, batch, slots, logits_at, cos, sin)
 
     # ---- layers ----

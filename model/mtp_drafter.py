@@ -40,7 +40,7 @@ class MTPDrafter:
     def forward(self, step: StepInputs, next_ids: torch.Tensor, hidden: torch.Tensor, reuse: object = None):
         """The layer on prepared step inputs whose rows carry `next_ids` (device ops only: CUDA graphs capture it)."""
         mtp = self.model.mtp
-        x = mtp.fuse(self.model.model.embed_tokens(next_ids), hidden.to(self.model.lm_head.weight.dtype))
+        x = mtp.fuse(self.model.model.embed_tokens(next_ids), hidden.to(self.model.model.embed_tokens.weight.dtype))
         x, chosen = self.runner.run_layer(self.layer, x, step, reuse, reuse_topk=reuse is not None)
         out = x[step.logits_at]
         logits = self.model.lm_head(mtp.shared_head.norm(out)).float()

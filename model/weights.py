@@ -1,7 +1,8 @@
 """Loading (and saving) checkpoints in the Hub's safetensors layout.
 
 Weights are read one tensor at a time into a model built on the meta device, so at no point do two copies of the
-weights exist. FP8 block-quantized tensors are dequantized as they are read.
+weights exist. FP8 block-quantized Linear weights stay FP8 (`Fp8Linear`, with their scales) unless the caller asks
+for them dequantized, which is then done as they are read.
 """
 
 import json
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from .fp8 import BLOCK as FP8_BLOCK
 from .fp8 import dequantize_fp8_blockwise
+from .fp8_linear import Fp8Linear
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +82,15 @@ def read_tensor(
 ) -> torch.Tensor:
     """Tensor `name` from the open file `f`, cut to [start, stop) along `dim` (whole by default), in `dtype`.
 
-    Only the cut is read from disk, so a tensor-parallel rank reads just its slice; fp8 is dequantized.
+    Only the cut is read from disk, so a tensor-parallel rank reads just its slice; fp8 is dequantized unless `dtype`
+    is fp8 (the caller keeps it, with its scale).
     """
     view = f.get_slice(name)
     shape = tuple(view.get_shape())
     if shape != expected_shape:
         raise CheckpointError(f"tensor {name} has shape {shape} in {files[name].name}, config needs {expected_shape}")
     stop = shape[dim] if stop is None else stop
-    if view.get_dtype() != "F8_E4M3":
+    if view.get_dtype() != "F8_E4M3" or dtype == torch.float8_e4m3fn:
         return view[_cut(dim, start, stop)].to(dtype)
     scale_name = name + SCALE_SUFFIX
     if scale_name not in files:
@@ -105,12 +108,27 @@ def _cut(dim: int, start: int, stop: int) -> tuple[slice, ...]:
     return (slice(None),) * dim + (slice(start, stop),)
 
 
+def keep_fp8(model: nn.Module, files: dict[str, Path], dtype: torch.dtype) -> int:
+    """Swap every Linear of `model` (on the meta device) whose checkpoint weight is FP8 with a block scale for an
+    `Fp8Linear` computing in `dtype`; returns how many. Subclasses (parallel layers) keep their own weights."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and f"{name}.weight{SCALE_SUFFIX}" in files:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, Fp8Linear.like(module, dtype))
+            swapped += 1
+    return swapped
+
+
 def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill `model` (built on the meta device) from the checkpoint at `path`, in place."""
+    """Fill `model` (built on the meta device) from the checkpoint at `path`, in place. `Fp8Linear` weights and
+    scales are read as stored; every other FP8 tensor is dequantized to `dtype`."""
     path = Path(path)
     files = checkpoint_files(path)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-    check_names(expected, files, path)
+    params = model.state_dict(keep_vars=True)
+    expected = {name: tuple(t.shape) for name, t in params.items()}
+    kept = {name: t.dtype for name, t in params.items() if _in_fp8_linear(model, name)}
+    check_names([n for n in expected if not (n in kept and n.endswith(SCALE_SUFFIX))], files, path)
 
     by_file: dict[Path, list[str]] = {}
     for name in expected:
@@ -119,10 +137,14 @@ def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device:
     for file, names in by_file.items():
         with safe_open(file, "pt", device="cpu") as f:
             for name in names:
-                tensor = read_tensor(f, name, files, expected[name], target_dtype(name, dtype))
+                tensor = read_tensor(f, name, files, expected[name], kept.get(name) or target_dtype(name, dtype))
                 set_tensor(model, name, tensor.to(device))
                 bar.update()
     bar.close()
+
+
+def _in_fp8_linear(model: nn.Module, name: str) -> bool:
+    return isinstance(model.get_submodule(name.rpartition(".")[0]), Fp8Linear)
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
