@@ -15,7 +15,7 @@ import torch
 from glmserve.kvtransfer.layout import KVLayout
 from glmserve.model.config import GlmConfig
 from glmserve.model.cuda_graphs import DecodeGraphs
-from glmserve.model.fusion import fusable
+from glmserve.model.fusion import fusable, graph_safe
 from glmserve.model.glm import GlmForCausalLM
 from glmserve.model.kv_cache import KVCacheSpec, PagedKVCache
 from glmserve.model.loader import load_model, resolve_dtype
@@ -95,7 +95,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.cache)
-        if fused:
+        if fused and graph_safe(self.model):
             self.runner.graphs = DecodeGraphs(self.runner, MAX_GRAPH_BATCH)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device="cpu").manual_seed(args.seed)

@@ -6,7 +6,7 @@ what `fuse` set (`fused`, `a_proj`, `gate_up`, `packed`) in its own forward.
 
 - MLA's two down-projections and gate and up of every dense MLP and shared expert: one GEMM each (at decode batch
   sizes a GEMM is a launch of a few microseconds whatever its size);
-- the routed experts of each MoE layer: packed for one grouped GEMM (bf16 experts; FP8 ones run as Fp8Linear);
+- the routed experts of each MoE layer: packed for one grouped GEMM (FP8 experts with their block scales);
 - chains of small elementwise launches: one Triton kernel each (RMSNorm, residual add + RMSNorm, rotary
   embedding, SwiGLU's activation, the routers' selection where n_group is 1).
 """
@@ -16,6 +16,8 @@ from torch import nn
 
 from .attention_backend import TritonAttention
 from .config import GlmConfig
+from .fp8 import BLOCK
+from .fp8_linear import Fp8Linear
 from .glm import GlmForCausalLM
 from .indexer import Indexer
 from .mla import MLA
@@ -38,13 +40,19 @@ def fuse(model: GlmForCausalLM) -> GlmForCausalLM:
             mlp = layer.mlp.shared_experts if isinstance(layer.mlp, MoE) else layer.mlp
             if isinstance(mlp, MLP):
                 mlp.gate_up = pack_linears([mlp.gate_proj, mlp.up_proj])
-            if isinstance(layer.mlp, MoE) and type(layer.mlp.experts[0].gate_proj) is nn.Linear:
-                layer.mlp.packed = _pack_experts(layer.mlp)  # FP8 experts keep their own weights and scales
+            if isinstance(layer.mlp, MoE):
+                _pack_experts(layer.mlp)
     for module in model.modules():
         if isinstance(module, RMSNorm | MLP | MLA | Indexer) or (isinstance(module, Router) and module.n_group == 1):
             module.fused = True
     model.fused = True
     return model
+
+
+def graph_safe(model: GlmForCausalLM) -> bool:
+    """Whether a step can be captured as a CUDA graph: every MoE layer runs the grouped kernels (the experts' own
+    modules route with a host sync)."""
+    return all(layer.mlp.packed is not None for layer in model.model.layers if isinstance(layer.mlp, MoE))
 
 
 def pack_linears(linears: list[nn.Linear]) -> torch.Tensor | None:
@@ -61,18 +69,30 @@ def pack_linears(linears: list[nn.Linear]) -> torch.Tensor | None:
     return packed
 
 
-def _pack_experts(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_gate_up [E, 2I, hidden], w_down [E, hidden, I]), the layout the grouped GEMM reads; the expert modules are
-    pointed at views of them, so the weights exist once (a layer's experts are briefly held twice while packing)."""
-    inter, hidden = moe.experts[0].gate_proj.weight.shape
-    like = moe.experts[0].gate_proj.weight
-    gate_up = like.new_empty(len(moe.experts), 2 * inter, hidden)
-    down = like.new_empty(len(moe.experts), hidden, inter)
+def _pack_experts(moe: MoE) -> None:
+    """MoE.packed = (w_gate_up [E, 2I, hidden], w_down [E, hidden, I]), the layout the grouped GEMM reads, and for
+    FP8 experts MoE.packed_scales the same for their block scales. The expert modules are pointed at views of them,
+    so the weights exist once (a layer's experts are briefly held twice while packing)."""
+    first = moe.experts[0].gate_proj
+    fp8 = isinstance(first, Fp8Linear)
+    if fp8 and first.out_features % BLOCK:
+        return  # gate and up would share a scale block: they stay apart, run by the expert modules
+    moe.packed = _stack(moe, "weight")
+    if fp8:
+        moe.packed_scales = _stack(moe, "weight_scale_inv")
+
+
+def _stack(moe: MoE, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's gate and up `name` tensors stacked along rows, then all experts; likewise down."""
+    gate, down = getattr(moe.experts[0].gate_proj, name), getattr(moe.experts[0].down_proj, name)
+    rows = gate.shape[0]
+    gate_up = gate.new_empty(len(moe.experts), 2 * rows, gate.shape[1])
+    down_all = down.new_empty(len(moe.experts), *down.shape)
     for e, expert in enumerate(moe.experts):
-        gate_up[e, :inter] = expert.gate_proj.weight
-        gate_up[e, inter:] = expert.up_proj.weight
-        down[e] = expert.down_proj.weight
-        expert.gate_proj.weight = nn.Parameter(gate_up[e, :inter], requires_grad=False)
-        expert.up_proj.weight = nn.Parameter(gate_up[e, inter:], requires_grad=False)
-        expert.down_proj.weight = nn.Parameter(down[e], requires_grad=False)
-    return gate_up, down
+        gate_up[e, :rows] = getattr(expert.gate_proj, name)
+        gate_up[e, rows:] = getattr(expert.up_proj, name)
+        down_all[e] = getattr(expert.down_proj, name)
+        setattr(expert.gate_proj, name, nn.Parameter(gate_up[e, :rows], requires_grad=False))
+        setattr(expert.up_proj, name, nn.Parameter(gate_up[e, rows:], requires_grad=False))
+        setattr(expert.down_proj, name, nn.Parameter(down_all[e], requires_grad=False))
+    return gate_up, down_all

@@ -296,7 +296,9 @@ class ModelRunner:
         with self.stage("moe"):
             expert_ids, weights = moe.gate(h)
             shared = moe.shared_experts(h) if moe.shared_experts is not None else None
-            return moe_experts(h, expert_ids, weights, *moe.packed, shared=shared, residual=residual)
+            return moe_experts(
+                h, expert_ids, weights, *moe.packed, shared=shared, residual=residual, scales=moe.packed_scales
+            )
 
     def execute(self, step: StepInputs, keep_all_hidden: bool = False) -> StepOutput:
         """Embedding, every main layer, final norm and the logits rows of a prepared step."""

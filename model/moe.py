@@ -58,6 +58,7 @@ class MoE(nn.Module):
     # set at load for serving (model/fusion.py): the routed experts packed as (w_gate_up [E, 2I, hidden],
     # w_down [E, hidden, I]) for the grouped GEMM (each expert's weights are views of them)
     packed: tuple[torch.Tensor, torch.Tensor] | None = None
+    packed_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # their 128x128 block scales, for FP8 experts
 
     def __init__(self, config: GlmConfig):
         super().__init__()

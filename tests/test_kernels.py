@@ -8,6 +8,7 @@ block tables, several sequences of different lengths, positions on block boundar
 import pytest
 import torch
 
+from glmserve.model.fp8 import quantize_fp8_blockwise
 from glmserve.model.kernels import (
     activation,
     indexer,
@@ -369,6 +370,23 @@ def test_moe_triton_combines_shared_and_residual_interpreter(tokens):
     assert relative_error(got, residual + (moe.moe_experts_reference(*case) + shared)) < 1e-5
     alone = moe.moe_experts_triton(*case, launch=launch)
     assert relative_error(alone, moe.moe_experts_reference(*case)) < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [3, 11])  # a tile per pair, and sorted tiles
+@pytest.mark.parametrize("block_k", [64, 128])  # K steps inside one scale block, and one per block
+def test_moe_triton_fp8_weights_match_the_dequantized_experts_interpreter(tokens, block_k):
+    """FP8 experts with one scale per 128x128 block each: the grouped kernels widen and scale every tile in
+    registers; the same function as the bf16 path on the dequantized weights."""
+    x, ids, weights, w_gate_up, w_down = moe_case(torch.float32, tokens, 256, 128, 8, 2)
+    quantized = [[quantize_fp8_blockwise(w.cpu()) for w in ws] for ws in (w_gate_up, w_down)]
+    (gu, gu_s), (dn, dn_s) = ([torch.stack(t).to(DEVICE) for t in zip(*q, strict=True)] for q in quantized)
+    launch = moe.MoeLaunch(block_m=16, block_n=128, block_k=block_k, num_warps=4, num_stages=1)
+    got = moe.moe_experts_triton(x, ids, weights, gu, dn, launch=launch, scales=(gu_s, dn_s))
+    dequantized = moe.dequantize_experts(gu, gu_s, x.dtype), moe.dequantize_experts(dn, dn_s, x.dtype)
+    want = moe.moe_experts_reference(x, ids, weights, *dequantized)
+    assert relative_error(got, want) < 1e-5
+    assert relative_error(moe.moe_experts(x.cpu(), ids.cpu(), weights.cpu(), gu.cpu(), dn.cpu(),
+                                          scales=(gu_s.cpu(), dn_s.cpu())), want.cpu()) < 1e-5  # fmt: skip
 
 
 def test_moe_grouped_mm_with_empty_experts():

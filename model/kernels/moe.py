@@ -1,6 +1,8 @@
 """Routed experts: out[n] = sum_j w[n, j] * down_e(silu(gate_e(x[n])) * up_e(x[n])), e = topk_ids[n, j].
 
-Weights: w_gate_up [E, 2I, hidden] (rows 0..I-1 gate, I..2I-1 up), w_down [E, hidden, I]. The (token, slot)
+Weights: w_gate_up [E, 2I, hidden] (rows 0..I-1 gate, I..2I-1 up), w_down [E, hidden, I], in the activation dtype,
+or FP8 e4m3 with one fp32 scale per 128x128 block per expert (`scales`: [E, 2I/128, hidden/128] and
+[E, hidden/128, I/128], I a multiple of 128): the Triton kernels widen each tile in registers (w8a16). The (token, slot)
 pairs are sorted by expert once; each expert's rows are cut into tiles of BLOCK_M, so a program does one expert's
 GEMM tile (decode-sized batches skip the sort: a tile per pair). Two paths: Triton grouped GEMMs (gate/up fused
 with SiLU*up, then down with the routing weight, then one combine launch that sums each token's pairs and adds the
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from glmserve.model.fp8 import dequantize_fp8_blockwise
 from glmserve.model.kernels.paged import dot_precision
 
 
@@ -73,6 +76,7 @@ def _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, n_limit, BLOCK_
 def _gate_up_silu_kernel(
     x_ptr,
     w_ptr,
+    scale_ptr,
     act_ptr,
     row_token_ptr,
     tile_expert_ptr,
@@ -83,6 +87,8 @@ def _gate_up_silu_kernel(
     stride_xn,
     stride_we,
     stride_wn,
+    stride_se,
+    stride_sn,
     stride_an,
     top_k,
     BLOCK_M: tl.constexpr,
@@ -90,6 +96,7 @@ def _gate_up_silu_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PAIRS: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     expert, offs_m, m_mask, offs_n, n_mask = _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, inter,
                                                    BLOCK_M, BLOCK_N, PAIRS)  # fmt: skip
@@ -109,8 +116,17 @@ def _gate_up_silu_kernel(
         k_mask = offs_k < hidden - k0
         x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        acc_gate = tl.dot(x, tl.load(gate_ptrs + k0, mask=w_mask, other=0.0), acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(x, tl.load(up_ptrs + k0, mask=w_mask, other=0.0), acc_up, input_precision=DOT_PRECISION)
+        gate = tl.load(gate_ptrs + k0, mask=w_mask, other=0.0)
+        up = tl.load(up_ptrs + k0, mask=w_mask, other=0.0)
+        if FP8:
+            scales = scale_ptr + expert.to(tl.int64) * stride_se + k0 // 128
+            gate_scale = tl.load(scales + (offs_n // 128) * stride_sn, mask=n_mask, other=0.0)
+            up_scale = tl.load(scales + ((offs_n + inter) // 128) * stride_sn, mask=n_mask, other=0.0)
+            acc_gate += tl.dot(x, gate.to(x.dtype), input_precision=DOT_PRECISION) * gate_scale[None, :]
+            acc_up += tl.dot(x, up.to(x.dtype), input_precision=DOT_PRECISION) * up_scale[None, :]
+        else:
+            acc_gate = tl.dot(x, gate, acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(x, up, acc_up, input_precision=DOT_PRECISION)
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up
     act_ptrs = act_ptr + offs_m.to(tl.int64)[:, None] * stride_an + offs_n[None, :]
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -120,6 +136,7 @@ def _gate_up_silu_kernel(
 def _down_kernel(
     act_ptr,
     w_ptr,
+    scale_ptr,
     y_ptr,
     row_order_ptr,
     route_weight_ptr,
@@ -131,12 +148,15 @@ def _down_kernel(
     stride_an,
     stride_we,
     stride_wn,
+    stride_se,
+    stride_sn,
     stride_yn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PAIRS: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     expert, offs_m, m_mask, offs_n, n_mask = _tile(tile_expert_ptr, tile_row_start_ptr, tile_row_end_ptr, hidden,
                                                    BLOCK_M, BLOCK_N, PAIRS)  # fmt: skip
@@ -150,7 +170,12 @@ def _down_kernel(
         k_mask = offs_k < inter - k0
         a = tl.load(a_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if FP8:
+            scales = scale_ptr + expert.to(tl.int64) * stride_se + (offs_n // 128) * stride_sn + k0 // 128
+            scale = tl.load(scales, mask=n_mask, other=0.0)
+            acc += tl.dot(a, w.to(a.dtype), input_precision=DOT_PRECISION) * scale[None, :]
+        else:
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     # Each sorted row goes back to its (token, slot) place, scaled by its routing weight.
     flat = offs_m if PAIRS else tl.load(row_order_ptr + offs_m, mask=m_mask, other=0)
     acc = acc * tl.load(route_weight_ptr + flat, mask=m_mask, other=0.0)[:, None]
@@ -211,15 +236,22 @@ def moe_experts_triton(
     launch: MoeLaunch | None = None,
     shared: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Routed-expert output [N, hidden] through two Triton grouped GEMMs and a combine launch, plus `shared` (the
-    shared expert's output) and then `residual` where given."""
+    shared expert's output) and then `residual` where given; `scales`: the FP8 weights' block scales."""
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w_gate_up.shape
     inter = two_inter // 2
     k = topk_ids.shape[1]
     assert x.stride(-1) == 1 and w_gate_up.stride(-1) == 1 and w_down.stride(-1) == 1
     launch = launch or default_moe_launch(num_tokens * k, num_experts, x.element_size())
+    fp8 = scales is not None
+    if fp8:
+        assert inter % 128 == 0 and 128 % launch.block_k == 0 and 128 % launch.block_n == 0
+        gate_up_scale, down_scale = (s.float().contiguous() for s in scales)
+    else:
+        gate_up_scale = down_scale = w_gate_up  # not read
     # So few pairs that sorting them by expert costs more launches than it saves: a tile per pair, in place.
     pairs = num_tokens * k <= num_experts
     if pairs:
@@ -232,16 +264,18 @@ def moe_experts_triton(
     num_tiles = tiles[0].numel()
     act = torch.empty(num_tokens * k, inter, dtype=x.dtype, device=x.device)
     _gate_up_silu_kernel[(num_tiles, triton.cdiv(inter, launch.block_n))](
-        x, w_gate_up, act, row_token, *tiles, hidden, inter, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1),
-        act.stride(0), k, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
-        DOT_PRECISION=dot_precision(x.dtype), PAIRS=pairs, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        x, w_gate_up, gate_up_scale, act, row_token, *tiles, hidden, inter, x.stride(0), w_gate_up.stride(0),
+        w_gate_up.stride(1), gate_up_scale.stride(0), gate_up_scale.stride(1) if fp8 else 0, act.stride(0), k,
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, DOT_PRECISION=dot_precision(x.dtype),
+        PAIRS=pairs, FP8=fp8, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     y = torch.empty(num_tokens * k, hidden, dtype=x.dtype, device=x.device)
     route_weight = topk_weights.reshape(-1).float().contiguous()
     _down_kernel[(num_tiles, triton.cdiv(hidden, launch.block_n))](
-        act, w_down, y, row_order, route_weight, *tiles, inter, hidden, act.stride(0), w_down.stride(0),
-        w_down.stride(1), y.stride(0), BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
-        DOT_PRECISION=dot_precision(x.dtype), PAIRS=pairs, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        act, w_down, down_scale, y, row_order, route_weight, *tiles, inter, hidden, act.stride(0), w_down.stride(0),
+        w_down.stride(1), down_scale.stride(0), down_scale.stride(1) if fp8 else 0, y.stride(0),
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, DOT_PRECISION=dot_precision(x.dtype),
+        PAIRS=pairs, FP8=fp8, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
     out = torch.empty_like(x)
     for name, t in (("shared", shared), ("residual", residual)):
@@ -278,6 +312,11 @@ def moe_experts_grouped_mm(
     return out.view(num_tokens, k, hidden).sum(dim=1).to(x.dtype)
 
 
+def dequantize_experts(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[E, N, K] e4m3 with [E, N/128, K/128] block scales -> [E, N, K] in `dtype`."""
+    return torch.stack([dequantize_fp8_blockwise(w, s, dtype) for w, s in zip(weight, scales, strict=True)])
+
+
 def has_grouped_mm() -> bool:
     return hasattr(torch, "_grouped_mm")
 
@@ -310,11 +349,18 @@ def moe_experts(
     w_down: torch.Tensor,
     shared: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """residual + (routed-expert output [N, hidden] + shared), each term where given: Triton grouped GEMMs on
-    CUDA, the per-expert loop elsewhere."""
+    CUDA, the per-expert loop elsewhere (FP8 weights, with their `scales`, dequantized for it)."""
     if x.is_cuda:
-        return moe_experts_triton(x, topk_ids, topk_weights, w_gate_up, w_down, shared=shared, residual=residual)
+        return moe_experts_triton(
+            x, topk_ids, topk_weights, w_gate_up, w_down, shared=shared, residual=residual, scales=scales
+        )
+    if scales is not None:
+        w_gate_up, w_down = (
+            dequantize_experts(w, s, x.dtype) for w, s in zip((w_gate_up, w_down), scales, strict=True)
+        )
     out = moe_experts_reference(x, topk_ids, topk_weights, w_gate_up, w_down)
     out = out if shared is None else out + shared
     return out if residual is None else residual + out
