@@ -108,15 +108,24 @@ def _cut(dim: int, start: int, stop: int) -> tuple[slice, ...]:
     return (slice(None),) * dim + (slice(start, stop),)
 
 
-def keep_fp8(model: nn.Module, files: dict[str, Path], dtype: torch.dtype) -> int:
+def keep_fp8(
+    model: nn.Module, files: dict[str, Path], dtype: torch.dtype, full_shapes: dict[str, tuple[int, ...]] | None = None
+) -> int:
     """Swap every Linear of `model` (on the meta device) whose checkpoint weight is FP8 with a block scale for an
-    `Fp8Linear` computing in `dtype`; returns how many. Subclasses (parallel layers) keep their own weights."""
+    `Fp8Linear` computing in `dtype`; returns how many. Subclasses (parallel layers) keep their own weights. With
+    `full_shapes` (a rank's share of a split model), a layer split along a dim stays FP8 only if its share is whole
+    128-blocks, so that its scales split with it."""
     swapped = 0
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and f"{name}.weight{SCALE_SUFFIX}" in files:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, Fp8Linear.like(module, dtype))
-            swapped += 1
+        if type(module) is not nn.Linear or f"{name}.weight{SCALE_SUFFIX}" not in files:
+            continue
+        if full_shapes is not None:
+            full = full_shapes[f"{name}.weight"]
+            if any(n != f and n % FP8_BLOCK for n, f in zip(module.weight.shape, full, strict=True)):
+                continue  # a share that cuts a scale block: dequantized instead
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, Fp8Linear.like(module, dtype))
+        swapped += 1
     return swapped
 
 
@@ -127,7 +136,7 @@ def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device:
     files = checkpoint_files(path)
     params = model.state_dict(keep_vars=True)
     expected = {name: tuple(t.shape) for name, t in params.items()}
-    kept = {name: t.dtype for name, t in params.items() if _in_fp8_linear(model, name)}
+    kept = fp8_tensors(model)
     check_names([n for n in expected if not (n in kept and n.endswith(SCALE_SUFFIX))], files, path)
 
     by_file: dict[Path, list[str]] = {}
@@ -143,8 +152,14 @@ def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype, device:
     bar.close()
 
 
-def _in_fp8_linear(model: nn.Module, name: str) -> bool:
-    return isinstance(model.get_submodule(name.rpartition(".")[0]), Fp8Linear)
+def fp8_tensors(model: nn.Module) -> dict[str, torch.dtype]:
+    """The tensors of `model`'s Fp8Linear layers (weights and scales) and the dtype each is read in, as stored."""
+    return {
+        f"{name}.{leaf}": p.dtype
+        for name, module in model.named_modules()
+        if isinstance(module, Fp8Linear)
+        for leaf, p in module.named_parameters(recurse=False)
+    }
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -16,7 +16,16 @@ from ..config import GlmConfig
 from ..fusion import fuse
 from ..glm import GlmForCausalLM
 from ..loader import resolve_dtype
-from ..weights import check_names, checkpoint_files, read_tensor, set_tensor, target_dtype
+from ..weights import (
+    SCALE_SUFFIX,
+    check_names,
+    checkpoint_files,
+    fp8_tensors,
+    keep_fp8,
+    read_tensor,
+    set_tensor,
+    target_dtype,
+)
 from .comm import Comm, ParallelContext
 from .glm import ParallelGlmForCausalLM
 
@@ -34,11 +43,15 @@ def load_parallel_model(
     `fused` as `load_model`'s."""
     path = Path(path)
     config = GlmConfig.from_pretrained(path)
+    dtype = resolve_dtype(dtype)
     with torch.device("meta"):
         model = ParallelGlmForCausalLM(config, ctx)
         whole = GlmForCausalLM(config)
+    files = checkpoint_files(path)
+    keep_fp8(whole, files, dtype)
     full_shapes = {name: tuple(t.shape) for name, t in whole.state_dict(keep_vars=True).items()}
-    load_sharded_weights(model, full_shapes, path, resolve_dtype(dtype), device)
+    keep_fp8(model, files, dtype, full_shapes)  # FP8 layers whose share is whole blocks; the rest is dequantized
+    load_sharded_weights(model, full_shapes, path, dtype, device)
     return fuse(model.eval()) if fused else model.eval()
 
 
@@ -52,8 +65,10 @@ def load_sharded_weights(
     """Fill `model` (on the meta device) in place; `full_shapes` are the unsplit model's, checked against the
     checkpoint as an unsplit load would check them."""
     files = checkpoint_files(path)
-    check_names(full_shapes, files, path)
-    local_shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    check_names([n for n in full_shapes if not n.endswith(SCALE_SUFFIX)], files, path)
+    params = model.state_dict(keep_vars=True)
+    local_shapes = {name: tuple(t.shape) for name, t in params.items()}
+    kept = fp8_tensors(model)
     by_file: dict[Path, list[str]] = {}
     for name in local_shapes:
         by_file.setdefault(files[name], []).append(name)
@@ -63,7 +78,8 @@ def load_sharded_weights(
         with safe_open(file, "pt", device="cpu") as f:
             for name in names:
                 dim, start, stop = _rank_slice(name, full_shapes[name], local_shapes[name], model.ctx.tp)
-                tensor = read_tensor(f, name, files, full_shapes[name], target_dtype(name, dtype), dim, start, stop)
+                want = kept.get(name) or target_dtype(name, dtype)
+                tensor = read_tensor(f, name, files, full_shapes[name], want, dim, start, stop)
                 set_tensor(model, name, tensor.to(device))
                 bar.update()
     bar.close()
