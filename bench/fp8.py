@@ -127,8 +127,16 @@ def crossover(rows: list[GemmRow]) -> dict[str, int | None]:
     return out
 
 
-def run_bench_fp8(shapes: list[str] | None, rows: list[int] | None, output_json: str | None) -> list[GemmRow]:
-    """`glmserve bench fp8`: every shape in SHAPES (or `shapes`) at every row count in ROWS (or `rows`)."""
+def run_bench_fp8(
+    shapes: list[str] | None,
+    rows: list[int] | None,
+    output_json: str | None,
+    slice_layers: int | None = None,
+    compare_bf16: bool = False,
+) -> list[GemmRow]:
+    """`glmserve bench fp8`: every shape in SHAPES (or `shapes`) at every row count in ROWS (or `rows`); with
+    `slice_layers`, GLM-5.2's first that-many layers in FP8 (bench/fp8_slice.py), and a 6-layer twin in both dtypes
+    with `compare_bf16`."""
     shapes, rows = shapes or list(SHAPES), rows or list(ROWS)
     unknown = set(shapes) - set(SHAPES)
     if unknown:
@@ -147,8 +155,19 @@ def run_bench_fp8(shapes: list[str] | None, rows: list[int] | None, output_json:
     print(render(results))
     cross = crossover(results)
     print("scaled_mm wins from M =", cross)
+    extra = {"ceilings": ceilings, "scaled_mm_from_rows": cross}
+    if output_json:  # written now too: a slice that fails keeps the GEMM table
+        write_report(output_json, [asdict(r) for r in results], extra)
+    if slice_layers:
+        from glmserve.bench.fp8_slice import GLM52_CONFIG, run_slice
+
+        del timer
+        torch.cuda.empty_cache()
+        extra["slice"] = run_slice(GLM52_CONFIG, slice_layers, compare_bf16, ceilings)
+        for row in extra["slice"]:
+            print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if output_json:
-        write_report(output_json, [asdict(r) for r in results], {"ceilings": ceilings, "scaled_mm_from_rows": cross})
+        write_report(output_json, [asdict(r) for r in results], extra)
     return results
 
 
