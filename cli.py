@@ -113,6 +113,30 @@ def _bench_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from glmserve.batch.job import main as batch_main
+
+    return batch_main(args)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from glmserve.planner.profiler import profile_from_args
+
+    return profile_from_args(args)
+
+
+def _plan_predict(args: argparse.Namespace) -> int:
+    from glmserve.planner.commands import run_plan_predict
+
+    return run_plan_predict(args)
+
+
+def _plan_search(args: argparse.Namespace) -> int:
+    from glmserve.planner.commands import run_plan_search
+
+    return run_plan_search(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmserve", description="Serve GLM-5.x models: disaggregated, on Ray Serve.")
     parser.add_argument("--log-level", default="INFO")
@@ -162,7 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     fp8.add_argument("--shapes", nargs="+", default=None, help="weight shapes by name (default: all; see bench/fp8.py)")
     fp8.add_argument("--rows", nargs="+", type=int, default=None, help="row counts M (default: 1 to 16384)")
     fp8.add_argument("--output-json", default="bench_fp8.json")
-    fp8.set_defaults(func=lambda a: _run_quiet("glmserve.bench.fp8", "run_bench_fp8", a.shapes, a.rows, a.output_json))
+    fp8.add_argument("--slice", type=int, default=None, help="also run GLM-5.2's first N layers in FP8 (~12 fit)")
+    fp8.add_argument("--compare-bf16", action="store_true", help="with --slice: a 6-layer twin in FP8 and in bf16")
+    fp8.set_defaults(
+        func=lambda a: _run_quiet(
+            "glmserve.bench.fp8", "run_bench_fp8", a.shapes, a.rows, a.output_json, a.slice, a.compare_bf16
+        )
+    )
     model = bench.add_parser("model", help="engine prefill/decode vs transformers and the HBM roofline; 1M prefill")
     model.add_argument("--output-json", default="bench_model.json")
     model.add_argument("--sections", nargs="+", default=None, help="small, large, attention (default: all)")
@@ -198,6 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--steps", type=int, default=200)
     sched.add_argument("--output-json", default="bench_scheduler.json")
     sched.set_defaults(func=_bench_scheduler)
+
+    from glmserve.batch.job_args import add_batch_args
+
+    batch = sub.add_parser("batch", help="an offline batch job on Ray Data: OpenAI batch lines or documents in")
+    add_batch_args(batch)
+    batch.set_defaults(func=_batch)
+
+    from glmserve.planner.args import add_plan_predict_args, add_plan_search_args, add_profile_args
+
+    profile = sub.add_parser("profile", help="time engine steps on this device over a grid: a profile for the planner")
+    add_profile_args(profile)
+    profile.set_defaults(func=_profile)
+    plan = sub.add_parser("plan", help="capacity planning: simulate deployments on a trace").add_subparsers(
+        dest="plan", required=True
+    )
+    predict = plan.add_parser(
+        "predict", help="predict bench serve's figures for a config and a trace", conflict_handler="resolve"
+    )
+    add_plan_predict_args(predict)
+    predict.set_defaults(func=_plan_predict)
+    search = plan.add_parser(
+        "search",
+        help="search P:D, TP/EP, batch and chunk sizes for goodput per GPU or cost",
+        conflict_handler="resolve",
+    )
+    add_plan_search_args(search)
+    search.set_defaults(func=_plan_search)
     return parser
 
 

@@ -1,6 +1,12 @@
-"""The FastAPI application: routes, API-key auth and OpenAI-shaped errors around an `OpenAIServer`."""
+"""The FastAPI application: routes, API-key auth, a body-size limit and OpenAI-shaped errors around an
+`OpenAIServer`.
+
+What the API key covers: every /v1/* route; /metrics too when `metrics_need_api_key`; /openapi.json, when served
+at all (`openapi`), whenever there is a key. /health stays open (load balancers and Serve probe it).
+"""
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -8,42 +14,90 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import URL, Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import APIError, AuthenticationError
+from .errors import APIError, AuthenticationError, RequestTooLargeError
 from .metrics import Stats
 from .openai_server import OpenAIServer
 
+log = logging.getLogger(__name__)
 StatsSource = Callable[[], Awaitable[Stats]]
+OPENAPI_PATH = "/openapi.json"
 
 
 class _ApiKeyAuth:
-    """'Authorization: Bearer KEY' on /v1/*, as plain ASGI middleware (Starlette's `@app.middleware` costs a task
-    group and two memory streams per request)."""
+    """'Authorization: Bearer KEY' on the guarded paths, as plain ASGI middleware (Starlette's `@app.middleware`
+    costs a task group and two memory streams per request)."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, api_key: str, exact: frozenset[str] = frozenset()):
         self.app = app
         self.api_key = api_key.encode()
+        self.exact = exact  # guarded beyond /v1/*
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and URL(scope=scope).path.startswith("/v1/"):
-            given = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self.api_key):
-                e = AuthenticationError("Incorrect API key provided.")
-                await JSONResponse(e.body(), status_code=e.status_code)(scope, receive, send)
-                return
+        if scope["type"] == "http":
+            path = URL(scope=scope).path
+            if path.startswith("/v1/") or path in self.exact:
+                given = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(given.encode(), self.api_key):
+                    e = AuthenticationError("Incorrect API key provided.")
+                    await JSONResponse(e.body(), status_code=e.status_code)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
-def create_app(server: OpenAIServer, api_key: str | None = None, replica_stats: StatsSource | None = None) -> FastAPI:
+class _BodyLimit:
+    """Refuse a body over `max_bytes` with a 413: at once when Content-Length says so, else as soon as the bytes
+    received pass it (nothing beyond the limit is kept)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            e = self._error()
+            await JSONResponse(e.body(), status_code=e.status_code)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error()  # answered by the APIError handler
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _error(self) -> RequestTooLargeError:
+        return RequestTooLargeError(f"the request body is larger than {self.max_bytes} bytes")
+
+
+def create_app(
+    server: OpenAIServer,
+    api_key: str | None = None,
+    replica_stats: StatsSource | None = None,
+    max_body_bytes: int = 16 << 20,
+    metrics_need_api_key: bool = False,
+    openapi: bool = False,
+) -> FastAPI:
     """`replica_stats`, when given, returns every replica's latest stats: /metrics then reports the whole
     deployment (API totals, per-replica worker stats) rather than this process alone."""
-    app = FastAPI(title="glmserve", docs_url=None, redoc_url=None)
+    app = FastAPI(title="glmserve", docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH if openapi else None)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status_code, headers=e.headers)
 
-    if api_key:
-        app.add_middleware(_ApiKeyAuth, api_key=api_key)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    if api_key:  # added last, so it runs first: no body is read for a request without the key
+        guarded = {OPENAPI_PATH} | ({"/metrics"} if metrics_need_api_key else set())
+        app.add_middleware(_ApiKeyAuth, api_key=api_key, exact=frozenset(guarded))
 
     async def _respond(result) -> Response:
         if hasattr(result, "__aiter__"):

@@ -52,6 +52,12 @@ class InvalidRequestError(APIError):
     error_type = "invalid_request_error"
 
 
+class RequestTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
 class AuthenticationError(APIError):
     status_code = 401
     error_type = "authentication_error"

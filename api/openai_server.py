@@ -1,14 +1,23 @@
 """The OpenAI-compatible endpoints: validate, apply the chat template, tokenize, stream from a decode worker,
-and shape the result (reasoning split, tool calls, logprobs, usage) as OpenAI and Z.AI clients expect."""
+and shape the result (reasoning split, tool calls, logprobs, usage) as OpenAI and Z.AI clients expect.
 
+Cheap checks first (`limits`): stop-string counts and lengths, a prompt-length bound from its characters, token-id
+prompts by their length; then rendering and tokenization, off the event loop when the request is big, so a long
+prompt never stalls the other streams of the replica. The engine knows each request by an id of its own; a client's
+`request_id` is only echoed back as the response's id.
+"""
+
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
 from glmserve.engine.async_engine import EngineDeadError
+from glmserve.engine.grammar import GrammarCompiler
 from glmserve.engine.outputs import CompletionDelta, RequestOutput
 from glmserve.engine.remote import RemotePrefillFailed
 from glmserve.engine.request import EngineRequest
@@ -19,6 +28,7 @@ from glmserve.model.tokenizer import Tokenizer
 
 from .chat_assembler import ChoiceAssembler, chat_logprobs, finish_reason
 from .errors import APIError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError, from_validation_error
+from .limits import INLINE_CHARS, RequestLimits, chat_prompt_chars, max_chars_per_token
 from .metrics import Metrics
 from .request_models import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .response_models import (
@@ -45,6 +55,9 @@ from .sse import SSE_DONE, sse_event
 
 log = logging.getLogger(__name__)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy default for /v1/completions
+INLINE_BODY_BYTES = 4096  # bodies up to this are parsed, rendered and tokenized on the event loop
+_WORKERS = 2  # threads that parse, render and tokenize big requests (they queue beyond that)
+T = TypeVar("T")
 
 
 class EngineClient(Protocol):
@@ -89,25 +102,58 @@ class OpenAIServer:
         model_name: str,
         max_model_len: int,
         metrics: Metrics | None = None,
+        limits: RequestLimits | None = None,
     ):
         self.client = client
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.metrics = metrics or Metrics()
+        self.limits = limits or RequestLimits()
+        self.max_prompt_chars = max_model_len * max_chars_per_token(tokenizer)
+        self._executor = ThreadPoolExecutor(_WORKERS, thread_name_prefix="api-prepare")
+        self.grammars = GrammarCompiler(tokenizer)  # structured output is compiled here first: a bad one is a 400
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len)])
 
     # ---- shared steps ----
+    async def _off_loop(self, big: bool, work: Callable[[], T]) -> T:
+        """`work()`, in the worker threads when the request is big (inline otherwise: a thread hop costs more)."""
+        if not big:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    async def _parse(self, model: type[GenerationRequest], raw: bytes) -> GenerationRequest:
+        req = await self._off_loop(len(raw) > INLINE_BODY_BYTES, lambda: self._validate(model, raw))
+        self._check_model(req.model)
+        self.limits.check(req)
+        return req
+
     @staticmethod
-    def _parse(model: type[GenerationRequest], raw: bytes) -> GenerationRequest:
+    def _validate(model: type[GenerationRequest], raw: bytes) -> GenerationRequest:
         try:
             return model.model_validate_json(raw)
         except ValidationError as e:
             if any(err["type"] == "json_invalid" for err in e.errors()):
                 raise InvalidRequestError(f"the body is not valid JSON: {e.errors()[0]['msg']}") from None
             raise from_validation_error(e) from None
+
+    def _check_prompt_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"the prompt has {chars} characters, more than {self.max_model_len} tokens can hold "
+                f"(this model serves at most {self.max_model_len} tokens)",
+                param=param,
+            )
+
+    def _check_prompt_ids(self, ids: list[int]) -> None:
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; this model serves at most {self.max_model_len} tokens "
+                "(prompt plus at least one generated token)",
+                param="prompt",
+            )
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -118,6 +164,11 @@ class OpenAIServer:
             params = SamplingParams(**req.sampling_params(default_max_tokens=max(1, default_max_tokens)))
         except ValidationError as e:
             raise from_validation_error(e) from None
+        if params.structured_outputs is not None:
+            try:
+                self.grammars.compile(params.structured_outputs)
+            except InvalidRequest as e:  # named by the request field that asked for it
+                raise InvalidRequestError(str(e), param=req.structured_output()[1]) from None
         return params  # the prompt and stop ids are checked where they meet the engine (engine.validation)
 
     async def _stream(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
@@ -146,28 +197,40 @@ class OpenAIServer:
 
     # ---- /v1/chat/completions ----
     async def chat(self, raw: bytes) -> ChatCompletion | AsyncIterator[str]:
-        req = self._parse(ChatCompletionRequest, raw)
-        self._check_model(req.model)
+        req = await self._parse(ChatCompletionRequest, raw)
+        self._check_prompt_chars(chat_prompt_chars(req), "messages")
         kwargs = req.template_kwargs()
-        try:
-            prompt = self.tokenizer.apply_chat_template(**kwargs)
-        except ChatTemplateError as e:
-            raise InvalidRequestError(str(e), param="messages") from None
-        ids = self.tokenizer.encode(prompt)
+
+        def render() -> tuple[str, list[int]]:
+            try:
+                prompt = self.tokenizer.apply_chat_template(**kwargs)
+            except ChatTemplateError as e:
+                raise InvalidRequestError(str(e), param="messages") from None
+            self._check_prompt_chars(len(prompt), "messages")
+            return prompt, self.tokenizer.encode(prompt)
+
+        prompt, ids = await self._off_loop(len(raw) > INLINE_BODY_BYTES, render)
         params = self._params(req, self.max_model_len - len(ids))
-        request_id = req.request_id or random_id("chatcmpl")
+        request_id = random_id("chatcmpl")
         engine_request = EngineRequest(request_id=request_id, prompt_token_ids=ids, params=params)
+        response_id = req.request_id or request_id
+        log.debug("chat request %s (client id %r): %d prompt tokens", request_id, req.request_id, len(ids))
         assemblers = [
             ChoiceAssembler(prompt.endswith("<think>"), kwargs["tools"], req.tool_stream) for _ in range(params.n)
         ]
         top = req.top_logprobs or 0
         stream = await self._stream(engine_request)
         if req.stream:
-            return self._chat_stream(req, engine_request, stream, assemblers, top)
-        return await self._chat_full(engine_request, stream, assemblers, top)
+            return self._chat_stream(req, engine_request, response_id, stream, assemblers, top)
+        return await self._chat_full(engine_request, response_id, stream, assemblers, top)
 
     async def _chat_full(
-        self, request: EngineRequest, stream: AsyncIterator[RequestOutput], assemblers: list[ChoiceAssembler], top: int
+        self,
+        request: EngineRequest,
+        response_id: str,
+        stream: AsyncIterator[RequestOutput],
+        assemblers: list[ChoiceAssembler],
+        top: int,
     ) -> ChatCompletion:
         timer = _Timer(self.metrics)
         logprobs = [[] for _ in assemblers]
@@ -202,12 +265,13 @@ class OpenAIServer:
             )
         usage = self._usage(last, sum(map(len, tokens)))
         timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
-        return ChatCompletion(id=request.request_id, model=self.model_name, choices=choices, usage=usage)
+        return ChatCompletion(id=response_id, model=self.model_name, choices=choices, usage=usage)
 
     async def _chat_stream(
         self,
         req: ChatCompletionRequest,
         request: EngineRequest,
+        response_id: str,
         stream: AsyncIterator[RequestOutput],
         assemblers: list[ChoiceAssembler],
         top: int,
@@ -215,9 +279,7 @@ class OpenAIServer:
         timer = _Timer(self.metrics)
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            return sse_event(
-                ChatCompletionChunk(id=request.request_id, model=self.model_name, choices=choices, usage=usage)
-            )
+            return sse_event(ChatCompletionChunk(id=response_id, model=self.model_name, choices=choices, usage=usage))
 
         completion_tokens = 0
         reasons: list[str | None] = [None] * len(assemblers)
@@ -268,24 +330,33 @@ class OpenAIServer:
 
     # ---- /v1/completions ----
     async def completions(self, raw: bytes) -> Completion | AsyncIterator[str]:
-        req = self._parse(CompletionRequest, raw)
-        self._check_model(req.model)
+        req = await self._parse(CompletionRequest, raw)
         prompts = req.prompts()
         if len(prompts) != 1:
             raise InvalidRequestError(
                 "one prompt per request is supported; send a list as separate requests", param="prompt"
             )
         prompt = prompts[0]
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            self._check_prompt_chars(len(prompt), "prompt")
+            ids = await self._off_loop(len(prompt) > INLINE_CHARS, lambda: self.tokenizer.encode(prompt))
+        else:
+            ids = list(prompt)
+            self._check_prompt_ids(ids)
         params = self._params(req, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        request = EngineRequest(request_id=req.request_id or random_id("cmpl"), prompt_token_ids=ids, params=params)
+        request = EngineRequest(request_id=random_id("cmpl"), prompt_token_ids=ids, params=params)
+        response_id = req.request_id or request.request_id
+        log.debug("completion %s (client id %r): %d prompt tokens", request.request_id, req.request_id, len(ids))
         echo = ""
         if req.echo:  # a token prompt is detokenized only when it is echoed
-            echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+            if isinstance(prompt, str):
+                echo = prompt
+            else:
+                echo = await self._off_loop(len(ids) > INLINE_CHARS, lambda: self.tokenizer.decode(ids))
         stream = await self._stream(request)
         if req.stream:
-            return self._completion_stream(req, request, stream, echo)
-        return await self._completion_full(request, stream, echo)
+            return self._completion_stream(req, request, response_id, stream, echo)
+        return await self._completion_full(request, response_id, stream, echo)
 
     def _completion_logprobs(self, d: CompletionDelta, offset: int) -> CompletionLogprobs | None:
         if d.logprobs is None:
@@ -301,7 +372,7 @@ class OpenAIServer:
         return lp
 
     async def _completion_full(
-        self, request: EngineRequest, stream: AsyncIterator[RequestOutput], echo: str
+        self, request: EngineRequest, response_id: str, stream: AsyncIterator[RequestOutput], echo: str
     ) -> Completion:
         timer = _Timer(self.metrics)
         n = request.params.n
@@ -323,10 +394,15 @@ class OpenAIServer:
             CompletionChoice(index=i, text=texts[i], logprobs=logprobs[i], finish_reason=_plain_reason(reasons[i]))
             for i in range(n)
         ]
-        return Completion(id=request.request_id, model=self.model_name, choices=choices, usage=usage)
+        return Completion(id=response_id, model=self.model_name, choices=choices, usage=usage)
 
     async def _completion_stream(
-        self, req: CompletionRequest, request: EngineRequest, stream: AsyncIterator[RequestOutput], echo: str
+        self,
+        req: CompletionRequest,
+        request: EngineRequest,
+        response_id: str,
+        stream: AsyncIterator[RequestOutput],
+        echo: str,
     ) -> AsyncIterator[str]:
         timer = _Timer(self.metrics)
         n = request.params.n
@@ -335,9 +411,7 @@ class OpenAIServer:
         completion_tokens, last = 0, None
 
         def chunk(choices: list[CompletionChunkChoice], usage: Usage | None = None) -> str:
-            return sse_event(
-                CompletionChunk(id=request.request_id, model=self.model_name, choices=choices, usage=usage)
-            )
+            return sse_event(CompletionChunk(id=response_id, model=self.model_name, choices=choices, usage=usage))
 
         try:
             if echo:

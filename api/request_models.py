@@ -3,7 +3,7 @@ their translation into chat-template inputs and vLLM-named sampling parameters.
 
 Validation policy:
 - Unknown fields are ignored: OpenAI SDKs and agent frameworks send many we do not use (`store`, `metadata`,
-  `parallel_tool_calls`, `logit_bias`, `suffix`, `best_of`, ...), and refusing them would break those clients.
+  `logit_bias`, `suffix`, `best_of`, ...), and refusing them would break those clients.
 - Known fields are strict: no "5" for 5, no 1 for true, no 2.0 for an integer (ints are fine for floats), so a bad
   value is a 400 naming the field. Checks that involve two fields run in the later field's validator, so the error
   still names a field (`top_logprobs`, `tool_choice`); `min_tokens` against `max_tokens` is SamplingParams' check.
@@ -11,7 +11,13 @@ Validation policy:
 - `stream_options` without `stream` is accepted and has no effect.
 - Only text content is accepted; content given as a list of text parts is joined into one string, as the GLM
   template would do.
-- `response_format` and a required/named `tool_choice` are validated and stored; nothing here enforces them.
+- Structured output is enforced (`structured_output()`, compiled by `engine.grammar`): chat's `response_format`
+  (`json_object`, `json_schema` with `strict`), and on both endpoints vLLM's `structured_outputs` and its older
+  `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`, at most one of them per request. A required or
+  named `tool_choice` is a grammar over GLM's tool-call text (`tool_grammar`), `parallel_tool_calls: false` holds it
+  to one call, and `"none"` (with tools) forbids a call. With thinking on, the grammar starts after `</think>`: the
+  reasoning before it is free. A forced tool call has no message content, so `response_format` does not apply to
+  it; next to `tool_choice: "auto"` the output is then either tool calls or the JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from glmserve.engine.structured_outputs import MAX_CHOICES, MAX_SPEC_CHARS, StructuredOutputParams
+
+from .reasoning_parser import THINK_END
+from .tool_grammar import ToolGrammarError, no_tool_call_grammar, tool_call_grammar
+
 MAX_TOP_LOGPROBS = 20
+# the request fields that can ask for structured output, in the order they are declared (each is checked against
+# the ones before it, so a conflict names the later field)
+_STRUCTURED_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 # Neutral sampling values, used where neither the request nor the model's generation defaults set one.
 SAMPLING_DEFAULTS: dict[str, float | int] = {
@@ -218,6 +232,11 @@ class GenerationRequest(_StrictModel, abc.ABC):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=MAX_SPEC_CHARS)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
+    guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_SPEC_CHARS)
     # Z.AI
     do_sample: bool | None = None  # False: greedy
     request_id: str | None = None
@@ -234,6 +253,48 @@ class GenerationRequest(_StrictModel, abc.ABC):
         if stop is not None and "" in stop:
             raise ValueError("stop strings must not be empty")
         return stop
+
+    @field_validator("guided_json")
+    @classmethod
+    def _json_text(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        if isinstance(value, str):
+            if len(value) > MAX_SPEC_CHARS:
+                raise ValueError(f"the schema is longer than {MAX_SPEC_CHARS} characters")
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"is not valid JSON ({e})") from None
+            if not isinstance(value, dict):
+                raise ValueError("must be a JSON schema object")
+        return value
+
+    @field_validator(*_STRUCTURED_FIELDS[1:])
+    @classmethod
+    def _one_structured_output(cls, value: Any, info: ValidationInfo) -> Any:
+        earlier = _STRUCTURED_FIELDS[: _STRUCTURED_FIELDS.index(info.field_name)]
+        clash = [name for name in earlier if info.data.get(name) is not None]
+        if value is not None and clash:
+            raise ValueError(f"conflicts with {clash[0]}: ask for one kind of structured output")
+        return value
+
+    def _guided(self) -> tuple[StructuredOutputParams, str] | None:
+        """The structured output asked for by vLLM's fields, and the field that asked."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs, "structured_outputs"
+        if self.guided_json is not None:
+            return StructuredOutputParams(json=self.guided_json), "guided_json"
+        if self.guided_regex is not None:
+            return StructuredOutputParams(regex=self.guided_regex), "guided_regex"
+        if self.guided_choice is not None:
+            return StructuredOutputParams(choice=self.guided_choice), "guided_choice"
+        if self.guided_grammar is not None:
+            return StructuredOutputParams(grammar=self.guided_grammar), "guided_grammar"
+        return None
+
+    def structured_output(self) -> tuple[StructuredOutputParams | None, str | None]:
+        """What the output must match, and the request field that asked for it (named by a 400 when the grammar
+        library cannot compile it)."""
+        return self._guided() or (None, None)
 
     @property
     def include_usage(self) -> bool:
@@ -264,6 +325,7 @@ class GenerationRequest(_StrictModel, abc.ABC):
             logprobs=self.logprobs_count(),
             skip_special_tokens=self.skip_special_tokens,
             n=self.n,
+            structured_outputs=self.structured_output()[0],
         )
         return params
 
@@ -274,6 +336,7 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # False: a forced tool_choice makes exactly one call
     response_format: ResponseFormat | None = None
     # Z.AI
     thinking: ThinkingOptions | None = None
@@ -308,7 +371,48 @@ class ChatCompletionRequest(GenerationRequest):
             raise ValueError('"required" needs tools')
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ValueError(f"names tool {choice.function.name!r}, which is not in tools")
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            try:  # the forced call's grammar: a parameter schema it cannot hold a raw value to is refused here
+                tool_call_grammar(_tool_dicts(info.data.get("tools")), _forced_names(choice))
+            except ToolGrammarError as e:
+                raise ValueError(f"cannot force a call: {e}") from None
         return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _one_structured_format(cls, response_format: ResponseFormat | None, info: ValidationInfo) -> Any:
+        clash = [name for name in _STRUCTURED_FIELDS if info.data.get(name) is not None]
+        if response_format is not None and response_format.type != "text" and clash:
+            raise ValueError(f"conflicts with {clash[0]}: ask for one kind of structured output")
+        return response_format
+
+    def _response_format_spec(self) -> StructuredOutputParams | None:
+        response_format = self.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return StructuredOutputParams(json_object=True)
+        spec = response_format.json_schema
+        # strict: false (OpenAI's "best effort") drops the keywords the grammar cannot enforce instead of refusing
+        return StructuredOutputParams(json=spec.schema_ or {}, strict=spec.strict is not False)
+
+    def structured_output(self) -> tuple[StructuredOutputParams | None, str | None]:
+        reasoning_end = THINK_END if self.thinking_enabled else None  # the grammar starts after the reasoning
+        tools = _tool_dicts(self.tools)
+        parallel = self.parallel_tool_calls is not False
+        if self.tools and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)):
+            grammar = tool_call_grammar(tools, _forced_names(self.tool_choice), parallel)
+            return StructuredOutputParams(grammar=grammar, reasoning_end=reasoning_end), "tool_choice"
+        spec, param = self._guided() or (self._response_format_spec(), "response_format")
+        if self.tools and self.tool_choice == "none" and spec is None:
+            return StructuredOutputParams(grammar=no_tool_call_grammar(), reasoning_end=reasoning_end), "tool_choice"
+        if spec is None:
+            return None, None
+        if self.parses_tool_calls and spec.kind in ("json", "json_object"):
+            schema = {"type": "object"} if spec.kind == "json_object" else spec.json_schema
+            grammar = tool_call_grammar(tools, None, parallel, json_alternative=schema, strict=spec.strict)
+            return StructuredOutputParams(grammar=grammar, reasoning_end=reasoning_end), param
+        return spec.model_copy(update={"reasoning_end": reasoning_end}), param
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -374,6 +478,15 @@ class CompletionRequest(GenerationRequest):
 
     def logprobs_count(self) -> int | None:
         return self.logprobs
+
+
+def _tool_dicts(tools: list[ToolDefinition] | None) -> list[dict[str, Any]]:
+    return [tool.model_dump(exclude_none=True) for tool in tools or ()]
+
+
+def _forced_names(choice: Any) -> list[str] | None:
+    """The functions a forced tool_choice allows: the named one, or (required) all."""
+    return [choice.function.name] if isinstance(choice, NamedToolChoice) else None
 
 
 def _is_token_ids(values: list) -> bool:

@@ -4,6 +4,10 @@ colocated).
 
 `serve run glmserve.cluster.app:build_app` and KubeRay's serveConfigV2 use `build_app` with the config's fields as
 args; `glmserve serve` calls it with a ServingConfig.
+
+The KV transfer's cluster secret is settled when the app is built: the config's `kv_transfer.secret`, else
+`GLMSERVE_KV_SECRET` (a Kubernetes Secret, see k8s/), else one drawn now. Both roles get it in their deployment's
+config and, for the rank actors of parallel replicas (which inherit it), in their runtime environment.
 """
 
 import asyncio
@@ -12,15 +16,19 @@ import os
 
 import ray
 import torch
+from pydantic import SecretStr
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from glmserve.api.app import create_app
-from glmserve.api.openai_server import OpenAIServer
+from glmserve.api.openai_server import OpenAIServer, RequestLimits
+from glmserve.batch.routes import attach_batch_api
 from glmserve.decode.server import DecodeWorker
 from glmserve.engine.remote import PrefillRequest, PrefillResult
 from glmserve.engine.request import EngineRequest
+from glmserve.kvtransfer.auth import ENV_VAR as KV_SECRET_ENV
+from glmserve.kvtransfer.auth import ClusterSecret
 from glmserve.model.default_checkpoint import default_checkpoint
 from glmserve.model.tokenizer import Tokenizer
 from glmserve.prefill.worker import PrefillWorker
@@ -58,7 +66,7 @@ class PrefillServer:
         if parallel_config(engine) is not None:  # the engine runs on rank actors that this replica drives
             self.worker = ParallelPrefillWorker(engine, transport, use_gpu=config.prefill.num_gpus > 0)
         else:
-            self.worker = PrefillWorker(engine, transport)
+            self.worker = PrefillWorker(engine, transport, secret=_kv_secret(config))
         replica = serve.get_replica_context().replica_id.unique_id
         self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(replica, self.worker.stats))
 
@@ -91,9 +99,10 @@ class DecodeServer:
             self.parallel_engine = ParallelEngine(config.engine, use_gpu=config.decode.num_gpus > 0)
         loopback = config.host in ("127.0.0.1", "localhost")
         receiver = None
+        transport = config.kv_transfer.transport
         if self.parallel_engine is not None and prefill is not None:
             # every rank holds a full copy of the KV cache, so each runs a receiver (on its own node's address)
-            receiver = self.parallel_engine.open_receivers("127.0.0.1" if loopback else None)
+            receiver = self.parallel_engine.open_receivers("127.0.0.1" if loopback else None, transport)
         self.worker = DecodeWorker(
             config.engine,
             prefill=(lambda request: prefill.prefill.remote(request)) if prefill is not None else None,
@@ -104,16 +113,26 @@ class DecodeServer:
             host="127.0.0.1" if loopback else ray.util.get_node_ip_address(),
             engine=self.parallel_engine,
             receiver=receiver,
+            transport=transport,
+            secret=_kv_secret(config),
         )
         model_config = self.worker.engine.config
         self.config = config
+        max_model_len = config.engine.max_model_len or model_config.max_position_embeddings
+        api = config.api
         self.server = OpenAIServer(
             self.worker,
             # its own tokenizer: the engine thread detokenizes with the engine's at the same time
             Tokenizer.from_pretrained(config.engine.model or default_checkpoint()),
             config.model_name,
-            max_model_len=config.engine.max_model_len or model_config.max_position_embeddings,
+            max_model_len=max_model_len,
+            limits=RequestLimits(
+                max_stop_strings=api.max_stop_strings,
+                max_stop_string_chars=api.max_stop_string_chars,
+                max_stop_token_ids=api.max_stop_token_ids,
+            ),
         )
+        self.max_body_bytes = api.max_body_bytes or max(1 << 20, 16 * max_model_len)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.board = stats_board.get_or_create(serve.get_replica_context().app_name)
         self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(self.replica, self._stats))
@@ -126,7 +145,17 @@ class DecodeServer:
         return {**await self.board.snapshot.remote(), self.replica: self._stats()}
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.server, self.config.api_key, self._replica_stats)
+        api = self.config.api
+        app = create_app(
+            self.server,
+            self.config.api_key,
+            self._replica_stats,
+            max_body_bytes=self.max_body_bytes,
+            metrics_need_api_key=api.metrics_need_api_key,
+            openapi=api.openapi,
+        )
+        attach_batch_api(app, self.server, self.config.batch)  # /v1/files, /v1/batches and their runner
+        return app
 
     async def generate(self, request: EngineRequest):
         """The engine without the API, for DeploymentHandle callers (`glmserve bench router`'s direct path)."""
@@ -149,12 +178,27 @@ class DecodeServer:
             self.parallel_engine.shutdown()
 
 
-def _options(role: RoleConfig, num_gpus: float | None = None) -> dict:
+def _kv_secret(config: ServingConfig) -> str | None:
+    secret = config.kv_transfer.secret
+    return secret.get_secret_value() if secret is not None else None
+
+
+def _with_kv_secret(config: ServingConfig) -> ServingConfig:
+    """The config with its cluster secret settled (the config's, else the environment's, else a new one)."""
+    if config.kv_transfer.secret is not None:
+        return config
+    secret = os.environ.get(KV_SECRET_ENV) or ClusterSecret.generate()
+    transfer = config.kv_transfer.model_copy(update={"secret": SecretStr(secret)})
+    return config.model_copy(update={"kv_transfer": transfer})
+
+
+def _options(role: RoleConfig, config: ServingConfig, num_gpus: float | None = None) -> dict:
+    env = {**serve_env.replica_env(), KV_SECRET_ENV: _kv_secret(config)}  # rank actors inherit it
     options: dict = {
         "ray_actor_options": {
             "num_cpus": role.num_cpus,
             "num_gpus": role.num_gpus if num_gpus is None else num_gpus,
-            "runtime_env": {"env_vars": serve_env.replica_env()},
+            "runtime_env": {"env_vars": env},
         },
         "max_ongoing_requests": role.max_ongoing_requests,
     }
@@ -169,6 +213,7 @@ def build_app(config: ServingConfig) -> serve.Application:
     """The whole application from one config (Ray Serve application builder)."""
     if not isinstance(config, ServingConfig):
         config = ServingConfig.model_validate(config)
+    config = _with_kv_secret(config)
     prefill = None
     if config.has_prefill:
         prefill = PrefillServer.options(
@@ -176,7 +221,7 @@ def build_app(config: ServingConfig) -> serve.Application:
                 request_router_class="glmserve.cluster.routers:PrefixAffinityRouter",
                 request_routing_stats_period_s=1,
             ),
-            **_options(config.prefill, num_gpus=0 if parallel_config(config.prefill_engine_args) else None),
+            **_options(config.prefill, config, num_gpus=0 if parallel_config(config.prefill_engine_args) else None),
         ).bind(config)
     return DecodeServer.options(
         request_router_config=RequestRouterConfig(
@@ -184,7 +229,7 @@ def build_app(config: ServingConfig) -> serve.Application:
             request_routing_stats_period_s=1,
         ),
         # a tensor/expert-parallel replica's GPUs are its ranks' (one each), not its own
-        **_options(config.decode, num_gpus=0 if parallel_config(config.engine) else None),
+        **_options(config.decode, config, num_gpus=0 if parallel_config(config.engine) else None),
     ).bind(config, prefill)
 
 

@@ -24,6 +24,7 @@ from glmserve.engine.outputs import RequestOutput
 from glmserve.engine.remote import RemotePrefill
 from glmserve.kvtransfer.completion import Completion
 from glmserve.kvtransfer.errors import TransferFailed
+from glmserve.kvtransfer.limits import CompletionCheck
 from glmserve.kvtransfer.receiver import KVReceiver
 
 from .rank_group import RankProcess
@@ -120,19 +121,38 @@ class EngineRankProcess(RankProcess):
         super().stop()
 
     # ---- KV transfers (disaggregated serving) ----
-    def open_receiver(self, host: str | None) -> str:
-        """Start this rank's KV receiver (once) on `host`, default this node's address; its address."""
+    def open_receiver(self, host: str | None, transport: str = "tcp") -> str:
+        """Start this rank's KV receiver (once) on `host`, default this node's address, accepting `transport` only
+        (and peers with the cluster secret: `GLMSERVE_KV_SECRET`, set in the deployment's runtime env); its
+        address."""
         if self.receiver is None:
             layout, latent, index_keys = self.engine.transfer_layout()
-            self.receiver = KVReceiver(layout, latent, index_keys, host=host or ray.util.get_node_ip_address())
+            config = self.engine.config
+            self.receiver = KVReceiver(
+                layout,
+                latent,
+                index_keys,
+                host=host or ray.util.get_node_ip_address(),
+                transports=(transport,),
+                completion_check=CompletionCheck(config.vocab_size, config.hidden_size),
+            )
         return self.receiver.address
 
     @ray.method(concurrency_group="kv")
     def register_transfer(
-        self, transfer_id: str, block_table: Sequence[int], num_tokens: int, start_token: int, lease_s: float
+        self,
+        transfer_id: str,
+        block_table: Sequence[int],
+        num_tokens: int,
+        start_token: int,
+        lease_s: float,
+        capability: bytes,
     ) -> None:
-        """Expect a remote prefill's KV in these blocks; `settled` reports how it ended."""
-        future = self.receiver.register(transfer_id, block_table, num_tokens, start_token, lease_s)
+        """Expect a remote prefill's KV in these blocks, from the sender with `capability`; `settled` reports how
+        it ended."""
+        future = self.receiver.register(
+            transfer_id, block_table, num_tokens, start_token, lease_s, capability=capability
+        )
         future.add_done_callback(lambda f: self._settle(transfer_id, f))
 
     def _settle(self, transfer_id: str, future: Future) -> None:

@@ -160,9 +160,10 @@ class ParallelEngine:
                 self._running.discard(out.request_id)
         return self._last.outputs
 
-    def open_receivers(self, host: str | None = None) -> RankReceivers:
-        """Start a KV receiver on every rank, on `host` (default: each rank's node address), for remote prefills."""
-        return RankReceivers(self.group.ranks, self.group.call("open_receiver", host))
+    def open_receivers(self, host: str | None = None, transport: str = "tcp") -> RankReceivers:
+        """Start a KV receiver on every rank, on `host` (default: each rank's node address), for remote prefills
+        over `transport`."""
+        return RankReceivers(self.group.ranks, self.group.call("open_receiver", host, transport))
 
     def rank_reports(self) -> list[RankStep]:
         """Every rank's digest of its outputs so far and whether it is idle (tests check that they agree and that

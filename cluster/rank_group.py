@@ -13,6 +13,8 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from glmserve.kvtransfer.auth import ENV_VAR as KV_SECRET_ENV
+from glmserve.kvtransfer.auth import exported_secret
 from glmserve.model.parallel import ParallelConfig, ParallelContext, free_port, init_parallel
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class RankGroup:
                     num_cpus=0 if use_gpu else 1,
                     num_gpus=1 if use_gpu else 0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),
+                    # the KV transfer's cluster secret of this replica, for the ranks' receivers and senders
+                    runtime_env={"env_vars": {KV_SECRET_ENV: exported_secret()}},
                 ).remote(parallel, rank, use_gpu)
                 for rank in range(parallel.world_size)
             ]

@@ -57,15 +57,16 @@ class RankReceivers:
         for poller in self._pollers:
             poller.start()
 
-    async def register(self, plan: RemotePrefill, lease_s: float) -> "asyncio.Future[Completion]":
-        """Register the transfer at every rank; the returned future resolves once the KV has landed at all of them
-        (with rank 0's completion) or fails with `TransferFailed`."""
+    async def register(self, plan: RemotePrefill, lease_s: float, capability: bytes) -> "asyncio.Future[Completion]":
+        """Register the transfer at every rank, with the same capability (the prefill worker presents it to each);
+        the returned future resolves once the KV has landed at all of them (with rank 0's completion) or fails with
+        `TransferFailed`."""
         rid = plan.request_id
         pending = _Pending()
         with self._lock:
             self._pending[rid] = pending  # before any rank knows it: its first poll may already report it
             self.stats.transfers_registered += 1
-        args = (rid, plan.block_table, plan.num_tokens, plan.start_token, lease_s)
+        args = (rid, plan.block_table, plan.num_tokens, plan.start_token, lease_s, capability)
         try:
             await asyncio.gather(*(r.register_transfer.remote(*args) for r in self.ranks))
         except RayError as e:

@@ -5,8 +5,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from glmserve.batch.options import BatchOptions
 from glmserve.engine.engine_args import EngineArgs
 
 
@@ -35,10 +36,27 @@ class RoleConfig(BaseModel):
 class TransferConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    transport: Literal["tcp", "cuda_ipc", "nccl"] = "tcp"
+    transport: Literal["tcp", "cuda_ipc", "nccl"] = "tcp"  # the one transport receivers accept
     lease_s: float = Field(30, gt=0)  # a transfer not renewed within this is failed and its blocks freed
     timeout_s: float = Field(600, gt=0)  # a transfer not finished within this is given up (stuck but alive peer)
     on_failure: Literal["recompute", "fail"] = "recompute"
+    # The cluster secret every KV peer must prove (kvtransfer/auth.py). Unset: GLMSERVE_KV_SECRET (a Kubernetes
+    # Secret in k8s/), else the app draws one when it is built and hands it to every replica.
+    secret: SecretStr | None = Field(None, min_length=16)
+
+
+class ApiOptions(BaseModel):
+    """What the HTTP API exposes, and bounds on what one request may make a replica do (each refusal is a 4xx naming
+    the field, decided before the expensive work)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int | None = Field(None, gt=0)  # default: 64 bytes per token of max_model_len, at least 1 MiB
+    max_stop_strings: int = Field(16, ge=0)
+    max_stop_string_chars: int = Field(256, gt=0)
+    max_stop_token_ids: int = Field(256, ge=0)
+    metrics_need_api_key: bool = False  # /metrics behind the API key too (it is open by default, for Prometheus)
+    openapi: bool = False  # serve /openapi.json (behind the API key when there is one)
 
 
 class PrefillEngine(BaseModel):
@@ -64,7 +82,9 @@ class ServingConfig(BaseModel):
     kv_transfer: TransferConfig = Field(default_factory=TransferConfig)
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
-    api_key: str | None = None
+    api_key: str | None = None  # guards /v1/* (and /metrics, /openapi.json as `api` says)
+    api: ApiOptions = Field(default_factory=ApiOptions)
+    batch: BatchOptions = Field(default_factory=BatchOptions)  # /v1/files and /v1/batches: store path, priority
     slo_ttft_ms: float = Field(2000, gt=0)
     slo_tpot_ms: float = Field(200, gt=0)
 

@@ -17,9 +17,9 @@ class KVDestination(Protocol):
     def addresses(self) -> list[str]:
         """The receivers a prefill worker must send the KV to (each wants all of it)."""
 
-    async def register(self, plan: RemotePrefill, lease_s: float) -> "asyncio.Future[Completion]":
-        """Expect the plan's KV (registered when this returns); the future resolves once it has landed, or fails
-        with `TransferFailed`."""
+    async def register(self, plan: RemotePrefill, lease_s: float, capability: bytes) -> "asyncio.Future[Completion]":
+        """Expect the plan's KV from the one sender that presents `capability` (registered when this returns); the
+        future resolves once it has landed, or fails with `TransferFailed`."""
 
     def abort(self, transfer_id: str, reason: str) -> None:
         """Fail the transfer now: its future fails, and no row lands once the engine frees the blocks."""
@@ -38,8 +38,10 @@ class LocalReceiver:
     def addresses(self) -> list[str]:
         return [self.receiver.address]
 
-    async def register(self, plan: RemotePrefill, lease_s: float) -> "asyncio.Future[Completion]":
-        future = self.receiver.register(plan.request_id, plan.block_table, plan.num_tokens, plan.start_token, lease_s)
+    async def register(self, plan: RemotePrefill, lease_s: float, capability: bytes) -> "asyncio.Future[Completion]":
+        future = self.receiver.register(
+            plan.request_id, plan.block_table, plan.num_tokens, plan.start_token, lease_s, capability=capability
+        )
         return asyncio.wrap_future(future)
 
     def abort(self, transfer_id: str, reason: str) -> None:

@@ -3,27 +3,37 @@ uncached prompts to one of them, receiving their KV cache over the transfer serv
 
 Decode is the orchestrator: it reserves the blocks, registers a transfer (with a lease) at its KV receiver (at every
 rank's, for a tensor/expert-parallel replica), asks a prefill worker to fill them, and decodes once every layer has
-landed. A failed transfer (lease expired, prefill worker died, aborted) frees the blocks and, by policy, recomputes
-the prompt here or fails the request.
+landed. A failed transfer (lease expired, prefill worker died, aborted, a corrupt or invalid transfer) frees the
+blocks and, by policy, recomputes the prompt here or fails the request.
+
+Ids and credentials: every request gets an engine id of its own (random), whatever the caller named it: the
+caller's `request_id` is a label, echoed back in the outputs, never a key (two requests under one label are two
+requests). A remote prefill's transfer is named by that engine id and guarded by a capability drawn here and given
+only to the prefill worker asked to fill it; the receiver needs the cluster secret from every peer.
 
 Plain Python: `cluster/app.py` wraps it as the Ray Serve `DecodeServer` deployment.
 """
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.block_manager import block_hash
+from glmserve.engine.detokenizer import IncrementalDetokenizer
 from glmserve.engine.engine_args import EngineArgs
 from glmserve.engine.llm_engine import LLMEngine
-from glmserve.engine.outputs import Logprob, RequestOutput
+from glmserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from glmserve.engine.protocol import Engine
 from glmserve.engine.remote import PrefillRequest, RemotePrefill, RemotePrefillFailed
 from glmserve.engine.request import EngineRequest
+from glmserve.engine.stop_checker import StopChecker
+from glmserve.kvtransfer.auth import ClusterSecret, new_capability
 from glmserve.kvtransfer.completion import Completion
-from glmserve.kvtransfer.errors import TransferFailed
+from glmserve.kvtransfer.errors import FailureKind, TransferFailed
+from glmserve.kvtransfer.limits import CompletionCheck
 from glmserve.kvtransfer.receiver import KVReceiver
 
 from .kv_destination import KVDestination, LocalReceiver
@@ -45,10 +55,13 @@ class DecodeWorker:
         host: str = "127.0.0.1",
         engine: Engine | None = None,
         receiver: KVDestination | None = None,
+        transport: str = "tcp",
+        secret: ClusterSecret | str | None = None,
     ):
         """`engine`: one already built from `engine_args` (a ParallelEngine); default: an LLMEngine here.
         `receiver`: where remote prefills land (a ParallelEngine's rank receivers); default: a KVReceiver on `host`
-        over this engine's pools, when there is a `prefill`."""
+        over this engine's pools, when there is a `prefill`, accepting only `transport` and peers with the cluster
+        `secret` (default: `GLMSERVE_KV_SECRET`, see `kvtransfer.auth`)."""
         self.engine = engine or LLMEngine(engine_args)
         self.async_engine = AsyncEngine(self.engine)
         self.prefill = prefill
@@ -57,17 +70,32 @@ class DecodeWorker:
         self.timeout_s = timeout_s
         self.on_failure = on_failure
         self.receiver = receiver
+        config = self.engine.config
+        self.completion_check = CompletionCheck(config.vocab_size, config.hidden_size)
         if prefill is not None and receiver is None:
             layout, latent, index_keys = self.engine.transfer_layout()
-            self.receiver = LocalReceiver(KVReceiver(layout, latent, index_keys, host=host))
+            kv = KVReceiver(
+                layout,
+                latent,
+                index_keys,
+                host=host,
+                transports=(transport,),
+                secret=secret,
+                completion_check=self.completion_check,
+            )
+            self.receiver = LocalReceiver(kv)
         self.remote_prefills = self.local_fallbacks = 0
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; they carry `request.request_id`, the engine knows the request by an id of
+        its own."""
         engine = self.engine
         threshold = self.threshold if self.prefill is not None else None
+        rid = secrets.token_hex(12)
+        label = request.request_id
 
         def add() -> RemotePrefill | None:
-            return engine.add_request(request.request_id, request.prompt_token_ids, request.params, threshold)
+            return engine.add_request(rid, request.prompt_token_ids, request.params, threshold)
 
         async def remote(plan: RemotePrefill | None) -> AsyncIterator[RequestOutput]:
             if plan is not None:
@@ -75,7 +103,8 @@ class DecodeWorker:
                 if out is not None:
                     yield out
 
-        async for out in self.async_engine.generate(request.request_id, add, remote):
+        async for out in self.async_engine.generate(rid, add, remote):
+            out.request_id = label
             yield out
 
     async def _remote_prefill(self, plan: RemotePrefill, request: EngineRequest) -> RequestOutput | None:
@@ -83,39 +112,65 @@ class DecodeWorker:
         sent back to be prefilled here."""
         rid = plan.request_id
         self.remote_prefills += 1
+        capability = new_capability()
         try:
-            arrived = await self.receiver.register(plan, self.lease_s)
+            arrived = await self.receiver.register(plan, self.lease_s, capability)
         except TransferFailed as e:  # a rank of a parallel replica could not take it
             return await self._fall_back(rid, e)
+        arrived.add_done_callback(_ignore_result)  # if we stop waiting (cancelled), its failure is still seen
         ids = request.prompt_token_ids
         receiver_address, *mirrors = self.receiver.addresses
-        call = asyncio.ensure_future(
-            self.prefill(
-                PrefillRequest(
-                    request_id=rid,
-                    prompt_token_ids=ids,
-                    params=request.params,
-                    receiver_address=receiver_address,
-                    mirror_addresses=mirrors,
-                    affinity_key=block_hash(None, ids[:64]) if len(ids) >= 64 else None,
-                )
+        response = self.prefill(
+            PrefillRequest(
+                request_id=rid,
+                capability=capability,
+                prompt_token_ids=ids,
+                params=request.params,
+                receiver_address=receiver_address,
+                mirror_addresses=mirrors,
+                affinity_key=block_hash(None, ids[:64]) if len(ids) >= 64 else None,
             )
         )
+        call = asyncio.ensure_future(response)
+        call.add_done_callback(_ignore_result)  # its failure is read in _wait_for_kv, if at all: never "unretrieved"
         try:
             await self._wait_for_kv(rid, arrived, call)
             completion: Completion = await arrived
+            problem = self.completion_check.problem(completion)  # the receiver checked; a parallel one's ranks too
+            if problem is not None:
+                raise TransferFailed(f"bad completion: {problem}", FailureKind.INVALID)
         except TransferFailed as e:
             return await self._fall_back(rid, e)
         except BaseException:
-            # the client left (cancelled): no row may land in these blocks once the engine frees them
+            # the client left (cancelled): no row may land in these blocks once the engine frees them, and the
+            # prefill worker need not finish (a Serve DeploymentResponse cancels the call at the prefill replica)
             self.receiver.abort(rid, "the request was cancelled")
+            call.cancel()
+            cancel = getattr(response, "cancel", None)
+            if callable(cancel):
+                cancel()
             raise
-        finally:
-            if not call.done():
-                call.add_done_callback(_ignore_result)
         entry = self._logprob_entry(completion, request)
+        finish = self._first_token_finishes(completion.first_token, request)
         engine = self.engine
-        return await self.async_engine.submit(lambda: engine.complete_remote(rid, completion.first_token, entry))
+
+        def complete() -> RequestOutput:
+            out = engine.complete_remote(rid, completion.first_token, entry)
+            if finish is not None and not out.finished:
+                engine.abort(rid)  # before any step: the sequence never decodes a second token
+                _finished(out, finish, request)
+            return out
+
+        return await self.async_engine.submit(complete)
+
+    def _first_token_finishes(self, token: int, request: EngineRequest) -> str | None:
+        """Why the prefill worker's token ends the request on its own (max_tokens 1, an eos or stop token or stop
+        string, the model's length), or None: the same check the engine runs on every token it samples."""
+        engine, params = self.engine, request.params
+        tokenizer = engine.tokenizer
+        checker = StopChecker(params, tokenizer.eos_token_ids, engine.max_model_len, len(request.prompt_token_ids))
+        text = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens).add(token)
+        return checker.check(token, text).finish_reason
 
     async def _wait_for_kv(self, rid: str, arrived: asyncio.Future, call: asyncio.Future) -> None:
         """Until the KV has landed, the transfer failed, or it must be given up: the prefill call failed (no need
@@ -181,6 +236,18 @@ class DecodeWorker:
         self.async_engine.shutdown()
         if self.receiver is not None:
             self.receiver.close()
+
+
+def _finished(out: RequestOutput, reason: str, request: EngineRequest) -> None:
+    """Mark the first output of a remote prefill as the last: its one token finished the request. (The engine
+    recorded the token, its text and stop reason, but leaves ending the sequence to its steps.)"""
+    delta = out.deltas[0]
+    delta.finish_reason = reason
+    out.finished = True
+    out.prompt_token_ids = list(request.prompt_token_ids)
+    out.outputs = [
+        CompletionOutput(delta.index, delta.text, list(delta.token_ids), delta.logprobs, reason, delta.stop_reason)
+    ]
 
 
 def _ignore_result(future: asyncio.Future) -> None:

@@ -24,6 +24,7 @@ from glmserve.model.tokenizer import Tokenizer
 
 from .block_manager import BlockManager
 from .engine_args import EngineArgs
+from .grammar import GrammarCompiler
 from .kv_sizing import num_kv_blocks
 from .output_tracker import OutputTracker
 from .outputs import Logprob, RequestOutput
@@ -98,6 +99,8 @@ class LLMEngine:
         if fused and graph_safe(self.model):
             self.runner.graphs = DecodeGraphs(self.runner, MAX_GRAPH_BATCH)
         self.sampler = Sampler()
+        # structured output: grammars compiled once per spec (the API may compile them first, off this thread)
+        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
         self.default_generator = torch.Generator(device="cpu").manual_seed(args.seed)
         self.spec = None
         if args.num_speculative_tokens > 0:
@@ -132,11 +135,14 @@ class LLMEngine:
         ids = check_new_request(
             request_id, prompt, params, self.tokenizer, self.outputs, self.config.vocab_size, self.max_model_len
         )
+        grammar = None if params.structured_outputs is None else self.grammars.compile(params.structured_outputs)
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id, ids, params, arrival=next(self._arrival), index=i)
             if params.seed is not None:
                 seq.generator = torch.Generator(device="cpu").manual_seed(params.seed + i)
+            if grammar is not None:
+                seq.grammar = grammar.matcher()
             seqs.append(seq)
         self.outputs.add(prompt, seqs)
         if remote_prefill_min_tokens is not None and params.n == 1:
@@ -161,12 +167,15 @@ class LLMEngine:
         )
 
     def complete_remote(self, request_id: str, first_token: int, logprob: dict[int, Logprob] | None) -> RequestOutput:
-        """The prefill worker filled the reserved blocks and sampled the first token: decode from here."""
+        """The prefill worker filled the reserved blocks and sampled the first token (under the request's grammar,
+        if it has one: the worker's engine enforces the same params): decode from here."""
         seq = self.outputs.sequences(request_id)[0]
         self.scheduler.resume_remote(seq)
         if seq.generator is not None:
             draw_skip(seq.generator, self.config.vocab_size)  # the prefill worker made this request's 1st draw
-        self.outputs.append(seq, first_token, logprob)
+        reason = self.outputs.append(seq, first_token, logprob)
+        if reason is not None:  # e.g. the first token completed the grammar
+            self.scheduler.finish(seq, reason)
         return self.outputs.emit(request_id)
 
     def fail_remote(self, request_id: str, recompute: bool) -> None:
@@ -274,13 +283,21 @@ class LLMEngine:
         return [self.outputs.emit(rid) for rid in dict.fromkeys(seq.request_id for seq in ready)]
 
     def _sampling_batch(self, seqs: list[Sequence], extra: list[list[int]] | None = None) -> SamplingBatch:
-        """One row per sequence; `extra[i]` are tokens the row's penalties count beyond its outputs (drafts)."""
+        """One row per sequence; `extra[i]` are tokens the row comes after beyond the sequence's outputs (drafts):
+        its penalties count them, and its grammar mask is the state after them."""
+        bitmask = None
+        if any(s.grammar is not None for s in seqs):
+            bitmask = torch.full((len(seqs), self.grammars.words), -1, dtype=torch.int32)
+            for i, s in enumerate(seqs):
+                if s.grammar is not None:
+                    s.grammar.fill(bitmask[i], extra[i] if extra else ())
         return SamplingBatch(
             params=[s.params for s in seqs],
             prompt_token_ids=[s.prompt_token_ids for s in seqs],
             output_token_ids=[s.output_token_ids + (extra[i] if extra else []) for i, s in enumerate(seqs)],
             generators=[s.generator or self.default_generator for s in seqs],
             eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+            bitmask=bitmask,
         )
 
     def _sample_or_verify(self, ready: list[Sequence], result: StepOutput) -> dict[Sequence, str]:

@@ -4,6 +4,7 @@ The scheduler knows sequences; users know requests (one per `n` sequences, answe
 join: the engine appends tokens as a step makes them, and asks for the request's `RequestOutput` when the step ends.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,8 @@ from .detokenizer import IncrementalDetokenizer
 from .outputs import CompletionDelta, CompletionOutput, Logprob, RequestOutput, SpecStats
 from .sequence import Sequence
 from .stop_checker import StopChecker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -103,9 +106,24 @@ class OutputTracker:
         if logprob is not None and track.logprobs is not None:
             track.logprobs.append(logprob)
             track.new_logprobs.append(logprob)
+        grammar_end = None  # "stop": the grammar is complete and allows nothing more; "abort": it was broken
+        if seq.grammar is not None:
+            if not seq.grammar.accept(token):
+                # the sampler only draws allowed tokens; a token from elsewhere (a prefill worker) that breaks the
+                # grammar ends the sequence rather than let it go on unconstrained
+                log.error("request %s: token %d is not allowed by its grammar; ending it", seq.request_id, token)
+                grammar_end = "abort"
+            elif seq.grammar.is_stopped:
+                grammar_end = "stop"
         decision = track.stop.check(token, track.detok.add(token))
         text = decision.text
-        if decision.finish_reason is not None:
+        if grammar_end is not None and decision.finish_reason in (None, "length"):
+            # the output ends here, all of it released (the stop checker may hold text back)
+            if decision.finish_reason is None:
+                text += track.stop.flush()
+            text += track.detok.flush()
+            decision.finish_reason, track.stop_reason = grammar_end, None
+        elif decision.finish_reason is not None:
             if decision.finish_reason == "length":
                 text += track.detok.flush()
             track.stop_reason = decision.stop_reason

@@ -24,7 +24,10 @@ class RemotePrefill:
 
 
 class PrefillRequest(BaseModel):
-    request_id: str  # also the transfer id at the decode worker's receiver
+    request_id: str  # the decode worker's own id of the request (never the client's); also the transfer id
+    # the transfer's capability, drawn by the decode worker for the one prefill worker it asks: without it no call or
+    # frame of the transfer is accepted (kept out of reprs and logs)
+    capability: bytes = Field(min_length=16, repr=False)
     prompt_token_ids: list[int] = Field(min_length=1)
     params: SamplingParams  # for the first token (seeded the same way the decode worker continues)
     receiver_address: str  # the decode worker's KV receiver

@@ -1,10 +1,14 @@
 """Batched sampling over logits [N, V] with one SamplingParams per row.
 
-Steps, in vLLM's (v1) order: min_tokens masking, penalties (repetition, frequency, presence), temperature, min-p,
-top-k, top-p, then a draw. Every step is a tensor op over the whole batch and acts on each row alone, so a row's
-result does not depend on what else is in the batch. Greedy rows take the exact argmax. Seeded rows draw from their
-request's own generator, so a seeded request samples the same tokens in any batch. Logprobs come from the raw logits,
-before any of these steps (vLLM's default, `raw_logprobs`).
+Steps, in vLLM's (v1) order: the structured-output bitmask, min_tokens masking, penalties (repetition, frequency,
+presence), temperature, min-p, top-k, top-p, then a draw. Every step is a tensor op over the whole batch and acts on
+each row alone, so a row's result does not depend on what else is in the batch. Greedy rows take the exact argmax.
+Seeded rows draw from their request's own generator, so a seeded request samples the same tokens in any batch.
+Logprobs come from the raw logits, before any of these steps (vLLM's default, `raw_logprobs`).
+
+The bitmask (int32 [N, ceil(V / 32)], bit t % 32 of word t // 32 set: token t allowed; all ones on unconstrained
+rows) sets disallowed tokens to -inf before anything else, so greedy rows take the best allowed token and random
+rows draw only allowed ones. It is made on the host by the grammar matchers and unpacked on the logits' device.
 """
 
 from collections.abc import Sequence
@@ -27,6 +31,7 @@ class SamplingBatch:
     output_token_ids: list[TokenIds]  # for all penalties, and min_tokens
     generators: list[torch.Generator]  # one per row: the request's own when seeded, else one shared by the rest
     eos_token_ids: tuple[int, ...] = ()
+    bitmask: torch.Tensor | None = None  # [N, words] int32 of allowed tokens (structured output); None: no grammar
 
 
 @dataclass
@@ -43,6 +48,8 @@ class Sampler:
         argmax."""
         logits = logits.to(torch.float32, copy=True)
         params = batch.params
+        if batch.bitmask is not None:
+            apply_token_bitmask(logits, batch.bitmask)
         _mask_stop_tokens(logits, batch)
         _apply_penalties(logits, batch)
         temperature = [1.0 if p.is_greedy else max(p.temperature, MIN_TEMPERATURE) for p in params]
@@ -113,16 +120,34 @@ def draw_skip(generator: torch.Generator, vocab_size: int) -> None:
     torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
 
 
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """bool [N, vocab_size] from an int32 bitmask [N, words] (moved to `device` first: 4 bytes per 32 tokens)."""
+    bits = _BITS.get(device)
+    if bits is None:
+        bits = _BITS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    words = bitmask.to(device, non_blocking=True)
+    return ((words[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab_size]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Disallowed tokens of each row get -inf, in place."""
+    logits.masked_fill_(~allowed_tokens(bitmask, logits.shape[-1], logits.device), float("-inf"))
+
+
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
 
 
 def _mask_stop_tokens(logits: torch.Tensor, batch: SamplingBatch) -> None:
-    """Rows below min_tokens cannot end: eos (unless ignored) and stop token ids get -inf."""
+    """Rows below min_tokens cannot end: eos (unless ignored) and stop token ids get -inf. Not rows under a
+    grammar: it alone says where the output may end."""
     vocab = logits.shape[-1]
     rows, ids = [], []
     for i, p in enumerate(batch.params):
-        if len(batch.output_token_ids[i]) >= p.min_tokens:
+        if len(batch.output_token_ids[i]) >= p.min_tokens or p.structured_outputs is not None:
             continue
         eos = () if p.ignore_eos else batch.eos_token_ids
         for t in {*eos, *p.stop_token_ids}:

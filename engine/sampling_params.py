@@ -6,6 +6,8 @@ answer with an OpenAI-shaped 400 naming it (`param`).
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from .structured_outputs import StructuredOutputParams
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
@@ -31,6 +33,9 @@ class SamplingParams(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     num_speculative_tokens: int | None = Field(None, ge=0)  # lowers the engine's MTP draft length for this request
+    # what the output must match (engine.grammar enforces it); eos is then allowed only where the grammar can end,
+    # min_tokens does not hold eos back, and a grammar that is complete ends the sequence ("stop")
+    structured_outputs: StructuredOutputParams | None = None
 
     @field_validator("stop", "stop_token_ids", mode="before")
     @classmethod
@@ -67,10 +72,11 @@ class SamplingParams(BaseModel):
         return self.temperature == 0 or self.top_k == 1
 
     def argmax_only(self, num_output_tokens: int) -> bool:
-        """Whether the next token is the raw logits' argmax: greedy, no penalties, no logprobs, and min_tokens
-        reached (no stop token masked)."""
+        """Whether the next token is the raw logits' argmax: greedy, no penalties, no logprobs, no grammar, and
+        min_tokens reached (no stop token masked)."""
         return (
             self.is_greedy
+            and self.structured_outputs is None
             and self.presence_penalty == 0
             and self.frequency_penalty == 0
             and self.repetition_penalty == 1

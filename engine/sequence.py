@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glmserve.engine.grammar import GrammarMatcher
 from glmserve.engine.sampling_params import SamplingParams
 
 
@@ -30,6 +31,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None  # per-request seeded sampling
+    grammar: GrammarMatcher | None = None  # structured output: advanced with every token the sequence keeps
     num_preemptions: int = 0
     # speculative decoding: drafts proposed by the MTP layer, verified in the next step
     drafts: list[int] = field(default_factory=list)

@@ -134,32 +134,33 @@ class CudaIpcSendChannel(SendChannel):
     def max_chunk_bytes(self, from_pool: bool) -> int | None:
         return None if from_pool and self.exported_pools else self.staging.numel()
 
-    def open(self, key: int, block_ids: torch.Tensor) -> None:
+    def open(self, key: int, frame_key: bytes, block_ids: torch.Tensor) -> None:
         if self.exported_pools:
-            self._frame(_control(key), Frame.TABLE, block_ids.to("cpu", torch.int64).numpy().tobytes())
+            table = block_ids.to("cpu", torch.int64).numpy().tobytes()
+            self._frame(_control(key), frame_key, Frame.TABLE, table)
 
-    def send(self, chunk: Chunk) -> int:
+    def send(self, chunk: Chunk) -> tuple[int, None]:
         if chunk.pool is not None and self.exported_pools:  # the receiver reads it in place, later
-            self._frame(chunk.header, Frame.POOL)
-            return chunk.header.count * chunk.pool.shape[2] * chunk.pool.element_size()
+            self._frame(chunk.header, chunk.frame_key, Frame.POOL)
+            return chunk.header.count * chunk.pool.shape[2] * chunk.pool.element_size(), None
         rows = chunk.materialize()
         nbytes = rows.numel() * rows.element_size()
         self.staging[:nbytes].view(rows.dtype).view(rows.shape).copy_(rows)
         torch.cuda.current_stream(self.staging.device).synchronize()
-        self._frame(chunk.header, Frame.STAGING)
+        self._frame(chunk.header, chunk.frame_key, Frame.STAGING)
         self._wait_ack()  # the receiver has copied the rows out: staging is free again
-        return nbytes
+        return nbytes, None
 
-    def settle(self, key: int) -> None:
+    def settle(self, key: int, frame_key: bytes) -> None:
         if self.exported_pools:
-            self._frame(_control(key), Frame.SETTLE)
+            self._frame(_control(key), frame_key, Frame.SETTLE)
             self._wait_ack()
 
     def close(self) -> None:
         """The exported buffers stay alive with the sender (the receiver may still hold mappings)."""
 
-    def _frame(self, header: FrameHeader, frame: Frame, payload: bytes = b"") -> None:
-        self.sock.sendall(replace(header, extra=1 + len(payload)).pack() + bytes((frame,)) + payload)
+    def _frame(self, header: FrameHeader, frame_key: bytes, frame: Frame, payload: bytes = b"") -> None:
+        self.sock.sendall(replace(header, extra=1 + len(payload)).pack(frame_key) + bytes((frame,)) + payload)
 
     def _wait_ack(self) -> None:
         if recv_exact(self.sock, 1) != ACK:
@@ -181,6 +182,11 @@ class CudaIpcReceiveChannel(ReceiveChannel):
         self.device = device
         self.copy_stream = copy_stream
 
+    def extra_bytes_allowed(self, header: FrameHeader, row_bytes: int) -> bool:
+        """A one-byte descriptor, or a block table of at most the sender's block count."""
+        num_blocks = self.peer.latent[0].shape[0] if self.peer is not None and self.peer.latent else 0
+        return 1 <= header.extra <= 1 + 8 * num_blocks
+
     def receive(self, header: FrameHeader, landing: Landing) -> None:
         descriptor = recv_exact(self.sock, header.extra)
         frame = descriptor[0] if descriptor else None
@@ -195,6 +201,8 @@ class CudaIpcReceiveChannel(ReceiveChannel):
         elif frame == Frame.STAGING:
             dim = self.layout.row_dim(header.kind)
             nbytes = header.count * dim * self.layout.dtype.itemsize
+            if nbytes > self.peer.staging.numel():
+                raise ConnectionError(f"{nbytes} bytes of rows do not fit the sender's staging buffer")
             rows = self.peer.staging[:nbytes].view(self.layout.dtype).view(header.count, dim)
             landing.land(header, rows)
             torch.cuda.current_stream(self.device).synchronize()  # done reading the sender's memory

@@ -8,22 +8,30 @@ write is in flight and none will follow; the destination blocks are the caller's
 Rows come either as a tensor (written and synchronized at once) or, with cuda_ipc, as tokens of the sender's mapped
 pool: those are copied pool to pool by `pool_copy` on the copy stream, asynchronously, and an event recorded after
 each copy is what the waits above wait for.
+
+What a transfer accepts is what was registered: each (layer, kind) its tokens in order, no more; rows of the layout's
+shape and dtype. Rows that land from host memory are folded into a CRC-32 per (layer, kind), and the transfer is done
+only once the completion's checksums match them (a mismatch fails it: the decode worker recomputes).
 """
 
 import contextlib
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from enum import Enum
 
 import torch
 
+from . import kv_transfer_pb2 as pb
 from . import pool_copy
+from .auth import frame_key
 from .completion import Completion
 from .errors import FailureKind, TransferFailed
 from .frames import FrameHeader
 from .layout import KVLayout, RowKind
 from .paged_rows import write_rows
+from .transport import crc_soon
 
 
 class State(Enum):
@@ -44,10 +52,13 @@ class IncomingTransfer:
         start_token: int,
         num_tokens: int,
         lease_s: float,
+        capability: bytes,
         copy_stream: torch.cuda.Stream | None = None,
     ):
         self.transfer_id = transfer_id
         self.key = key
+        self.capability = capability
+        self.frame_key: bytes | None = None  # set when a session opens it
         self.layout = layout
         self.pools = {(layer, RowKind.LATENT): pool for layer, pool in enumerate(latent)}
         self.pools.update({(layer, RowKind.INDEX): pool for layer, pool in index_keys.items()})
@@ -63,6 +74,8 @@ class IncomingTransfer:
         self.state = State.LIVE
         self.landed = {(layer, kind): 0 for layer in range(layout.num_layers) for kind in layout.kinds(layer)}
         self.rows_left = self.num_tokens * len(self.landed)
+        self.crc: dict[tuple[int, RowKind], int | None] = dict.fromkeys(self.landed, 0)  # None: not all on host
+        self.checksums: dict[tuple[int, int], int] | None = None  # the sender's, from the completion
         self.completion: Completion | None = None
         self.failure: TransferFailed | None = None
         self.first_rows_at: float | None = None  # the first chunk arrived (perf_counter)
@@ -81,16 +94,27 @@ class IncomingTransfer:
     def renew(self) -> None:
         self.deadline = time.monotonic() + self.lease_s
 
+    def attach(self, session_id: str) -> None:
+        """A session opened the transfer: only its frames, tagged with the capability, are accepted from now."""
+        self.session_id = session_id
+        self.frame_key = frame_key(self.capability, session_id)
+
     def write(self, header: FrameHeader, rows: torch.Tensor) -> bool | None:
         """Land one chunk. None: dropped (the transfer is no longer live). True: that was the last piece."""
+        arrived = rows
         rows = rows.to(self.dst_block_ids.device)  # before the lock: the copy from host can be slow
         with self.lock:
             if self.state is not State.LIVE:
                 return None
             self._arrived()
             self._check(header, rows.shape, rows.dtype)
-            pool = self.pools[(header.layer, header.kind)]
+            where = (header.layer, header.kind)
+            crc = None
+            if self.crc[where] is not None and not arrived.is_cuda:  # the bytes as they came off the wire
+                crc = crc_soon(arrived.view(torch.uint8).numpy(), self.crc[where])  # while they are written
+            pool = self.pools[where]
             write_rows(pool, self.dst_block_ids, self.start_token + header.offset, rows)
+            self.crc[where] = None if crc is None else crc.result()
             if pool.is_cuda:  # the write must be finished before a failure or completion can be reported
                 torch.cuda.current_stream(pool.device).synchronize()
             self._count(header)
@@ -127,6 +151,7 @@ class IncomingTransfer:
                 return None
             self._arrived()
             self._check(header, (header.count, src_pool.shape[2]), src_pool.dtype)
+            self.crc[(header.layer, header.kind)] = None  # copied device to device: nothing to checksum on the host
             if self.src_block_ids is None:
                 raise TransferFailed("pool rows came before the sender's block table", FailureKind.INVALID)
             with self._on_copy_stream():
@@ -142,14 +167,16 @@ class IncomingTransfer:
         with self.lock:
             self._wait_copies()
 
-    def complete(self, completion: Completion) -> bool | None:
-        """Record the completion. None: the transfer is no longer live. True: every row had already landed."""
+    def complete(self, completion: Completion, checksums: Sequence[pb.RowChecksum] = ()) -> bool | None:
+        """Record the completion and the sender's checksums. None: the transfer is no longer live. True: every row
+        had already landed (and matched)."""
         with self.lock:
             if self.state is not State.LIVE:
                 return None
             if self.completion is not None:
                 raise TransferFailed("completed twice", FailureKind.INVALID)
             self.completion = completion
+            self.checksums = {(c.layer, c.kind): c.crc32 for c in checksums}
             return self._finish_if_ready()
 
     def fail(self, error: TransferFailed) -> bool:
@@ -165,10 +192,24 @@ class IncomingTransfer:
 
     def _finish_if_ready(self) -> bool:
         if self.rows_left == 0 and self.completion is not None:
+            self._verify_checksums()
             self.state = State.DONE
             self._wait_copies()
             return True
         return False
+
+    def _verify_checksums(self) -> None:
+        for (layer, kind), crc in self.crc.items():
+            if crc is None or not self.num_tokens:
+                continue
+            sent = self.checksums.get((layer, int(kind)))
+            if sent is None:
+                raise TransferFailed(f"no checksum for layer {layer} {kind.name.lower()} rows", FailureKind.INVALID)
+            if sent != crc:
+                raise TransferFailed(
+                    f"layer {layer} {kind.name.lower()} rows are corrupt (crc32 {crc:08x}, the sender's {sent:08x})",
+                    FailureKind.INVALID,
+                )
 
     def _wait_copies(self) -> None:
         if self._copied is not None:
@@ -206,9 +247,10 @@ class IncomingTransfer:
                 f"tokens [{header.offset}, {header.offset + header.count}) outside the transfer's {self.num_tokens}",
                 FailureKind.INVALID,
             )
-        if self.landed[where] + header.count > self.num_tokens:
+        if header.offset != self.landed[where]:  # in order, each token once: no gap can pass for a full layer
             raise TransferFailed(
-                f"layer {header.layer} {header.kind.name.lower()} rows exceed the transfer's tokens",
+                f"layer {header.layer} {header.kind.name.lower()} rows at token {header.offset}, "
+                f"expected {self.landed[where]}",
                 FailureKind.INVALID,
             )
         if tuple(shape) != (header.count, self.layout.row_dim(header.kind)) or dtype != self.layout.dtype:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%glmserve/kvtransfer/kv_transfer.proto\x12\x13glmserve.kvtransfer\"|\n\x06Layout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x12\n\nlatent_dim\x18\x03 \x01(\x05\x12\x11\n\tindex_dim\x18\x04 \x01(\x05\x12\x14\n\x0cindex_layers\x18\x05 \x03(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\xea\x01\n\rCudaIpcBuffer\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x02 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x05 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x06 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x07 \x01(\x08\x12\x15\n\rtensor_offset\x18\x08 \x01(\x04\x12\r\n\x05shape\x18\t \x03(\x03\"\x95\x02\n\rCudaIpcExport\x12\x33\n\x07staging\x18\x01 \x01(\x0b\x32\".glmserve.kvtransfer.CudaIpcBuffer\x12\x32\n\x06latent\x18\x02 \x03(\x0b\x32\".glmserve.kvtransfer.CudaIpcBuffer\x12\x45\n\nindex_keys\x18\x03 \x03(\x0b\x32\x31.glmserve.kvtransfer.CudaIpcExport.IndexKeysEntry\x1aT\n\x0eIndexKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".glmserve.kvtransfer.CudaIpcBuffer:\x02\x38\x01\"\x99\x01\n\x10HandshakeRequest\x12+\n\x06layout\x18\x01 \x01(\x0b\x32\x1b.glmserve.kvtransfer.Layout\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x34\n\x08\x63uda_ipc\x18\x04 \x01(\x0b\x32\".glmserve.kvtransfer.CudaIpcExport\"\xd6\x01\n\x0eHandshakeReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12+\n\x06layout\x18\x03 \x01(\x0b\x32\x1b.glmserve.kvtransfer.Layout\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x11\n\tdata_host\x18\x05 \x01(\t\x12\x11\n\tdata_port\x18\x06 \x01(\x05\x12\x12\n\nstore_host\x18\x07 \x01(\t\x12\x12\n\nstore_port\x18\x08 \x01(\x05\x12\x14\n\x0cnccl_backend\x18\t \x01(\t\"S\n\x0eTransferStatus\x12\x31\n\x07\x66\x61ilure\x18\x01 \x01(\x0e\x32 .glmserve.kvtransfer.FailureKind\x12\x0e\n\x06reason\x18\x02 \x01(\t\">\n\x13OpenTransferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\"\x95\x01\n\x11OpenTransferReply\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.glmserve.kvtransfer.TransferStatus\x12\x0b\n\x03key\x18\x02 \x01(\x04\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\x12\x13\n\x0bstart_token\x18\x04 \x01(\x03\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\")\n\x11RenewLeaseRequest\x12\x14\n\x0ctransfer_ids\x18\x01 \x03(\t\"H\n\x0fRenewLeaseReply\x12\x35\n\x08statuses\x18\x01 \x03(\x0b\x32#.glmserve.kvtransfer.TransferStatus\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xc5\x01\n\x0f\x43ompleteRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x03\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.glmserve.kvtransfer.TopLogprob\x12\x14\n\x0chidden_state\x18\x05 \x01(\x0c\x12\x14\n\x0chidden_dtype\x18\x06 \x01(\t\x12\x14\n\x0chidden_shape\x18\x07 \x03(\x03\"3\n\x0c\x41\x62ortRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t*u\n\x0b\x46\x61ilureKind\x12\x08\n\x04NONE\x10\x00\x12\x11\n\rLEASE_EXPIRED\x10\x01\x12\x0b\n\x07\x41\x42ORTED\x10\x02\x12\r\n\tPEER_LOST\x10\x03\x12\x14\n\x10UNKNOWN_TRANSFER\x10\x04\x12\x0b\n\x07INVALID\x10\x05\x12\n\n\x06\x43LOSED\x10\x06\x32\xcb\x03\n\nKVTransfer\x12W\n\tHandshake\x12%.glmserve.kvtransfer.HandshakeRequest\x1a#.glmserve.kvtransfer.HandshakeReply\x12`\n\x0cOpenTransfer\x12(.glmserve.kvtransfer.OpenTransferRequest\x1a&.glmserve.kvtransfer.OpenTransferReply\x12Z\n\nRenewLease\x12&.glmserve.kvtransfer.RenewLeaseRequest\x1a$.glmserve.kvtransfer.RenewLeaseReply\x12U\n\x08\x43omplete\x12$.glmserve.kvtransfer.CompleteRequest\x1a#.glmserve.kvtransfer.TransferStatus\x12O\n\x05\x41\x62ort\x12!.glmserve.kvtransfer.AbortRequest\x1a#.glmserve.kvtransfer.TransferStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%glmserve/kvtransfer/kv_transfer.proto\x12\x13glmserve.kvtransfer\"|\n\x06Layout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x12\n\nlatent_dim\x18\x03 \x01(\x05\x12\x11\n\tindex_dim\x18\x04 \x01(\x05\x12\x14\n\x0cindex_layers\x18\x05 \x03(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\xea\x01\n\rCudaIpcBuffer\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x02 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x05 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x06 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x07 \x01(\x08\x12\x15\n\rtensor_offset\x18\x08 \x01(\x04\x12\r\n\x05shape\x18\t \x03(\x03\"\x95\x02\n\rCudaIpcExport\x12\x33\n\x07staging\x18\x01 \x01(\x0b\x32\".glmserve.kvtransfer.CudaIpcBuffer\x12\x32\n\x06latent\x18\x02 \x03(\x0b\x32\".glmserve.kvtransfer.CudaIpcBuffer\x12\x45\n\nindex_keys\x18\x03 \x03(\x0b\x32\x31.glmserve.kvtransfer.CudaIpcExport.IndexKeysEntry\x1aT\n\x0eIndexKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".glmserve.kvtransfer.CudaIpcBuffer:\x02\x38\x01\"\x99\x01\n\x10HandshakeRequest\x12+\n\x06layout\x18\x01 \x01(\x0b\x32\x1b.glmserve.kvtransfer.Layout\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x34\n\x08\x63uda_ipc\x18\x04 \x01(\x0b\x32\".glmserve.kvtransfer.CudaIpcExport\"\xd6\x01\n\x0eHandshakeReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12+\n\x06layout\x18\x03 \x01(\x0b\x32\x1b.glmserve.kvtransfer.Layout\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x11\n\tdata_host\x18\x05 \x01(\t\x12\x11\n\tdata_port\x18\x06 \x01(\x05\x12\x12\n\nstore_host\x18\x07 \x01(\t\x12\x12\n\nstore_port\x18\x08 \x01(\x05\x12\x14\n\x0cnccl_backend\x18\t \x01(\t\"S\n\x0eTransferStatus\x12\x31\n\x07\x66\x61ilure\x18\x01 \x01(\x0e\x32 .glmserve.kvtransfer.FailureKind\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x0bTransferRef\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\x0c\"]\n\x13OpenTransferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x32\n\x08transfer\x18\x02 \x01(\x0b\x32 .glmserve.kvtransfer.TransferRef\"\xae\x01\n\x11OpenTransferReply\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.glmserve.kvtransfer.TransferStatus\x12\x0b\n\x03key\x18\x02 \x01(\x04\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\x12\x13\n\x0bstart_token\x18\x04 \x01(\x03\x12\x15\n\rlease_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fmax_frame_bytes\x18\x06 \x01(\x04\"\\\n\x11RenewLeaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x33\n\ttransfers\x18\x02 \x03(\x0b\x32 .glmserve.kvtransfer.TransferRef\"H\n\x0fRenewLeaseReply\x12\x35\n\x08statuses\x18\x01 \x03(\x0b\x32#.glmserve.kvtransfer.TransferStatus\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"9\n\x0bRowChecksum\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0c\n\x04kind\x18\x02 \x01(\x05\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"\xad\x02\n\x0f\x43ompleteRequest\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x32\n\x08transfer\x18\x01 \x01(\x0b\x32 .glmserve.kvtransfer.TransferRef\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x03\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\x35\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1f.glmserve.kvtransfer.TopLogprob\x12\x14\n\x0chidden_state\x18\x05 \x01(\x0c\x12\x14\n\x0chidden_dtype\x18\x06 \x01(\t\x12\x14\n\x0chidden_shape\x18\x07 \x03(\x03\x12\x33\n\tchecksums\x18\t \x03(\x0b\x32 .glmserve.kvtransfer.RowChecksum\"f\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x32\n\x08transfer\x18\x01 \x01(\x0b\x32 .glmserve.kvtransfer.TransferRef\x12\x0e\n\x06reason\x18\x02 \x01(\t*u\n\x0b\x46\x61ilureKind\x12\x08\n\x04NONE\x10\x00\x12\x11\n\rLEASE_EXPIRED\x10\x01\x12\x0b\n\x07\x41\x42ORTED\x10\x02\x12\r\n\tPEER_LOST\x10\x03\x12\x14\n\x10UNKNOWN_TRANSFER\x10\x04\x12\x0b\n\x07INVALID\x10\x05\x12\n\n\x06\x43LOSED\x10\x06\x32\xcb\x03\n\nKVTransfer\x12W\n\tHandshake\x12%.glmserve.kvtransfer.HandshakeRequest\x1a#.glmserve.kvtransfer.HandshakeReply\x12`\n\x0cOpenTransfer\x12(.glmserve.kvtransfer.OpenTransferRequest\x1a&.glmserve.kvtransfer.OpenTransferReply\x12Z\n\nRenewLease\x12&.glmserve.kvtransfer.RenewLeaseRequest\x1a$.glmserve.kvtransfer.RenewLeaseReply\x12U\n\x08\x43omplete\x12$.glmserve.kvtransfer.CompleteRequest\x1a#.glmserve.kvtransfer.TransferStatus\x12O\n\x05\x41\x62ort\x12!.glmserve.kvtransfer.AbortRequest\x1a#.glmserve.kvtransfer.TransferStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CUDAIPCEXPORT_INDEXKEYSENTRY']._loaded_options = None
   _globals['_CUDAIPCEXPORT_INDEXKEYSENTRY']._serialized_options = b'8\001'
-  _globals['_FAILUREKIND']._serialized_start=1798
-  _globals['_FAILUREKIND']._serialized_end=1915
+  _globals['_FAILUREKIND']._serialized_start=2175
+  _globals['_FAILUREKIND']._serialized_end=2292
   _globals['_LAYOUT']._serialized_start=62
   _globals['_LAYOUT']._serialized_end=186
   _globals['_CUDAIPCBUFFER']._serialized_start=189
@@ -49,20 +49,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDSHAKEREPLY']._serialized_end=1076
   _globals['_TRANSFERSTATUS']._serialized_start=1078
   _globals['_TRANSFERSTATUS']._serialized_end=1161
-  _globals['_OPENTRANSFERREQUEST']._serialized_start=1163
-  _globals['_OPENTRANSFERREQUEST']._serialized_end=1225
-  _globals['_OPENTRANSFERREPLY']._serialized_start=1228
-  _globals['_OPENTRANSFERREPLY']._serialized_end=1377
-  _globals['_RENEWLEASEREQUEST']._serialized_start=1379
-  _globals['_RENEWLEASEREQUEST']._serialized_end=1420
-  _globals['_RENEWLEASEREPLY']._serialized_start=1422
-  _globals['_RENEWLEASEREPLY']._serialized_end=1494
-  _globals['_TOPLOGPROB']._serialized_start=1496
-  _globals['_TOPLOGPROB']._serialized_end=1543
-  _globals['_COMPLETEREQUEST']._serialized_start=1546
-  _globals['_COMPLETEREQUEST']._serialized_end=1743
-  _globals['_ABORTREQUEST']._serialized_start=1745
-  _globals['_ABORTREQUEST']._serialized_end=1796
-  _globals['_KVTRANSFER']._serialized_start=1918
-  _globals['_KVTRANSFER']._serialized_end=2377
+  _globals['_TRANSFERREF']._serialized_start=1163
+  _globals['_TRANSFERREF']._serialized_end=1217
+  _globals['_OPENTRANSFERREQUEST']._serialized_start=1219
+  _globals['_OPENTRANSFERREQUEST']._serialized_end=1312
+  _globals['_OPENTRANSFERREPLY']._serialized_start=1315
+  _globals['_OPENTRANSFERREPLY']._serialized_end=1489
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1491
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1583
+  _globals['_RENEWLEASEREPLY']._serialized_start=1585
+  _globals['_RENEWLEASEREPLY']._serialized_end=1657
+  _globals['_TOPLOGPROB']._serialized_start=1659
+  _globals['_TOPLOGPROB']._serialized_end=1706
+  _globals['_ROWCHECKSUM']._serialized_start=1708
+  _globals['_ROWCHECKSUM']._serialized_end=1765
+  _globals['_COMPLETEREQUEST']._serialized_start=1768
+  _globals['_COMPLETEREQUEST']._serialized_end=2069
+  _globals['_ABORTREQUEST']._serialized_start=2071
+  _globals['_ABORTREQUEST']._serialized_end=2173
+  _globals['_KVTRANSFER']._serialized_start=2295
+  _globals['_KVTRANSFER']._serialized_end=2754
 # @@protoc_insertion_point(module_scope)

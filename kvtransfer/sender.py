@@ -1,7 +1,7 @@
 """The sending end, run by a prefill worker: one `KVSender` per decode receiver, one `OutgoingTransfer` per request.
 
     sender = KVSender.connect(address, layout, transport="tcp", pools=(latent, index_keys))   # once per receiver
-    transfer = sender.open_transfer(transfer_id, src_block_ids=block_table)                 # learns start, tokens
+    transfer = sender.open_transfer(transfer_id, capability, src_block_ids=block_table)     # learns start, tokens
     for layer in ...: compute it; transfer.send_layer(layer)            # queued: overlaps the next layers' compute
     transfer.complete(first_token, logprob, top_logprobs, hidden).result()   # or: await asyncio.wrap_future(...)
 
@@ -15,6 +15,11 @@ learns when the receiver gave one up; a transfer idle for a whole lease is no lo
 its lease even though its process is alive.
 `connect` and `open_transfer` block on one RPC each; call them through `asyncio.to_thread` from async code.
 
+Credentials: `connect` signs every call with the cluster secret (default `auth.resolve_secret()`), proves it in the
+data-plane hello and checks that the receiver proves it back; `open_transfer` needs the capability the decode worker
+drew for the transfer, and every later call and frame of the transfer carries it (frames as a tag). A sender whose
+session the receiver closed (idle, or the receiver restarted) says so through `alive`: connect a new one.
+
 Receivers that each need the whole KV (the ranks of a tensor/expert-parallel decode replica each hold a full copy of
 the latent cache): `open_mirrored(senders, transfer_id)` opens the transfer at every one and returns a
 `MirroredTransfer`, which takes the same calls and repeats them to each.
@@ -26,7 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,11 +40,12 @@ import torch
 import torch.distributed as dist
 
 from . import kv_transfer_pb2 as pb
-from . import kv_transfer_pb2_grpc as pb_grpc
+from .auth import ClusterSecret, frame_key, resolve_secret
 from .completion import Completion
+from .control import ControlClient, Unauthenticated
 from .cuda_ipc_transport import STAGING_BYTES, CudaIpcSendChannel, export_buffers
 from .errors import FailureKind, PeerLost, TransferAborted, TransferFailed, raise_for_status, transfer_failed
-from .frames import FrameHeader, pack_hello, tune
+from .frames import FrameHeader, send_hello, socket_closed, tune
 from .host import host_id
 from .layout import KVLayout, RowKind
 from .nccl_transport import CHUNK_BYTES as NCCL_CHUNK_BYTES
@@ -78,9 +84,13 @@ class _CompleteJob:
 
 
 class OutgoingTransfer:
-    def __init__(self, sender: "KVSender", transfer_id: str, reply: pb.OpenTransferReply):
+    def __init__(self, sender: "KVSender", transfer_id: str, capability: bytes, reply: pb.OpenTransferReply):
         self.sender = sender
         self.transfer_id = transfer_id
+        self.ref = pb.TransferRef(transfer_id=transfer_id, capability=capability)
+        self.frame_key = frame_key(capability, sender.session_id)
+        self.max_frame_bytes = reply.max_frame_bytes or None
+        self.checksums: dict[tuple[int, RowKind], int | None] = {}  # running CRC-32 of each (layer, kind) sent
         self.key = reply.key
         self.num_tokens = reply.num_tokens
         self.start_token = reply.start_token  # rows sent are tokens [start_token, start_token + num_tokens)
@@ -176,7 +186,7 @@ class OutgoingTransfer:
     def abort(self, reason: str = "aborted by the sender") -> None:
         """Give up: queued chunks are skipped and the receiver fails the transfer."""
         if self._fail(TransferAborted(reason)):
-            self.sender._rpc_abort(self.transfer_id, reason)
+            self.sender._rpc_abort(self, reason)
 
     def _fail(self, error: TransferFailed) -> bool:
         with self.sender._lock:
@@ -185,9 +195,10 @@ class OutgoingTransfer:
             self.failure = error
             self.sender._transfers.pop(self.transfer_id, None)
             self.sender.stats.transfers_failed += 1
-        log.warning(
-            "KV transfer %s failed on the sender side (%s): %s", self.transfer_id, error.kind.value, error.reason
-        )
+        # an abort (the client left, or we gave up) is ordinary: one line per request at DEBUG
+        level = logging.DEBUG if error.kind is FailureKind.ABORTED else logging.WARNING
+        kind, reason = error.kind.value, error.reason
+        log.log(level, "KV transfer %s failed on the sender side (%s): %s", self.transfer_id, kind, reason)
         return True
 
     def _raise_if_failed(self) -> None:
@@ -196,20 +207,11 @@ class OutgoingTransfer:
 
 
 class KVSender:
-    def __init__(
-        self,
-        stub: pb_grpc.KVTransferStub,
-        channel: grpc.Channel,
-        layout: KVLayout,
-        pools: Pools | None,
-        rpc_timeout_s: float,
-    ):
+    def __init__(self, control: ControlClient, layout: KVLayout, pools: Pools | None):
         self.layout = layout
         self.pools = pools
         self.stats = SenderStats()
-        self._stub = stub
-        self._channel = channel
-        self._rpc_timeout_s = rpc_timeout_s
+        self._control = control
         self._lock = threading.Lock()
         self._transfers: dict[str, OutgoingTransfer] = {}
         self._jobs: queue.Queue = queue.Queue()
@@ -231,23 +233,38 @@ class KVSender:
         rpc_timeout_s: float = 10.0,
         chunk_bytes: int | None = None,
         rendezvous_timeout_s: float = 60.0,
+        secret: ClusterSecret | bytes | str | None = None,
     ) -> "KVSender":
         """Handshake with the receiver at `address` and open the data plane. `pools` = (latent, index_keys) lets
-        `send_layer` read rows by block id (and, with cuda_ipc, lets the receiver read them in place)."""
+        `send_layer` read rows by block id (and, with cuda_ipc, lets the receiver read them in place). `secret`: the
+        cluster secret (default `auth.resolve_secret()`). Raises ConnectionError if the receiver refuses (or cannot
+        prove the secret)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
         if pools is not None:
             layout.check_pools(*pools)
-        channel = grpc.insecure_channel(address)
-        sender = cls(pb_grpc.KVTransferStub(channel), channel, layout, pools, rpc_timeout_s)
+        secret = resolve_secret(secret)
+        sender = cls(ControlClient(address, secret, rpc_timeout_s), layout, pools)
         try:
-            sender._open_session(transport, chunk_bytes, rendezvous_timeout_s)
+            sender._open_session(secret, transport, chunk_bytes, rendezvous_timeout_s, rpc_timeout_s)
+        except grpc.RpcError as e:
+            sender.close()
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise ConnectionError("the KV receiver refused our credentials") from None
+            raise ConnectionError(f"cannot reach the KV receiver at {address}: {e.code()}") from None
         except BaseException:
             sender.close()
             raise
         return sender
 
-    def _open_session(self, transport: str, chunk_bytes: int | None, rendezvous_timeout_s: float) -> None:
+    def _open_session(
+        self,
+        secret: ClusterSecret,
+        transport: str,
+        chunk_bytes: int | None,
+        rendezvous_timeout_s: float,
+        rpc_timeout_s: float,
+    ) -> None:
         request = pb.HandshakeRequest(layout=self.layout.to_proto(), transport=transport, host_id=host_id())
         staging = None
         if transport == "cuda_ipc":
@@ -256,14 +273,14 @@ class KVSender:
                 raise ValueError("cuda_ipc needs the sender's pools on a GPU")
             staging = torch.empty(chunk_bytes or STAGING_BYTES, dtype=torch.uint8, device=device)
             request.cuda_ipc.CopyFrom(export_buffers(staging, *(self.pools or (None, None))))
-        reply = self._stub.Handshake(request, timeout=self._rpc_timeout_s)
+        reply = self._control.call("Handshake", request)
         if not reply.accepted:
             raise ConnectionError(f"KV receiver refused the handshake: {reply.error}")
         self.session_id = reply.session_id
-        self._sock = socket.create_connection((reply.data_host, reply.data_port), timeout=self._rpc_timeout_s)
+        self._sock = socket.create_connection((reply.data_host, reply.data_port), timeout=rpc_timeout_s)
+        send_hello(self._sock, secret, self.session_id)
         self._sock.settimeout(None)
         tune(self._sock)
-        self._sock.sendall(pack_hello(self.session_id))
         if transport == "tcp":
             self._data = TcpSendChannel(self._sock, chunk_bytes or TCP_CHUNK_BYTES)
         elif transport == "cuda_ipc":
@@ -282,6 +299,16 @@ class KVSender:
             thread.start()
         log.info("KV sender connected (session %s, %s)", self.session_id, transport)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the session can still carry transfers (not broken, and the receiver has not hung up)."""
+        if self._broken is not None or self._sock is None:
+            return False
+        with self._lock:
+            busy = bool(self._transfers)
+        # while a transfer is open a cuda_ipc receiver may be writing an ack; otherwise readable means closed
+        return busy or not socket_closed(self._sock)
+
     def _nccl_device(self, backend: str) -> torch.device:
         if backend == "gloo":
             return torch.device("cpu")
@@ -289,18 +316,27 @@ class KVSender:
             return self.pools[0][0].device
         return torch.device("cuda", torch.cuda.current_device())
 
-    def open_transfer(self, transfer_id: str, src_block_ids: Sequence[int] | torch.Tensor | None = None):
-        """Attach to a transfer the receiver registered. `src_block_ids`: this sender's block table of the sequence
-        (token t in block src_block_ids[t // block_size]), to send layers straight from the pools."""
+    def open_transfer(
+        self, transfer_id: str, capability: bytes, src_block_ids: Sequence[int] | torch.Tensor | None = None
+    ) -> OutgoingTransfer:
+        """Attach to a transfer the receiver registered, presenting its `capability`. `src_block_ids`: this
+        sender's block table of the sequence (token t in block src_block_ids[t // block_size]), to send layers
+        straight from the pools."""
         if self._broken is not None:
             raise self._broken
         if src_block_ids is not None and self.pools is None:
             raise ValueError("src_block_ids needs the sender to be connected with pools")
-        reply = self._stub.OpenTransfer(
-            pb.OpenTransferRequest(session_id=self.session_id, transfer_id=transfer_id), timeout=self._rpc_timeout_s
-        )
+        ref = pb.TransferRef(transfer_id=transfer_id, capability=capability)
+        try:
+            reply = self._control.call("OpenTransfer", pb.OpenTransferRequest(session_id=self.session_id, transfer=ref))
+        except (grpc.RpcError, Unauthenticated) as e:
+            error = PeerLost(f"cannot open the transfer at the receiver: {_rpc_error(e)}")
+            self._break(error)
+            raise error from None
+        if reply.status.failure == pb.PEER_LOST:  # the receiver no longer knows this session
+            self._break(transfer_failed(FailureKind.PEER_LOST, reply.status.reason))
         raise_for_status(reply.status)
-        transfer = OutgoingTransfer(self, transfer_id, reply)
+        transfer = OutgoingTransfer(self, transfer_id, capability, reply)
         with self._lock:
             self._transfers[transfer_id] = transfer
             self.stats.transfers_opened += 1
@@ -325,7 +361,7 @@ class KVSender:
             self._data.close()
         if self._sock is not None:
             self._sock.close()
-        self._channel.close()
+        self._control.close()
 
     def __enter__(self) -> "KVSender":
         return self
@@ -348,7 +384,7 @@ class KVSender:
                 if self._broken is not None:
                     raise self._broken
                 if isinstance(job, _OpenJob):
-                    self._data.open(transfer.key, transfer.src_block_ids)
+                    self._data.open(transfer.key, transfer.frame_key, transfer.src_block_ids)
                 elif isinstance(job, _LayerJob):
                     self._send_layer(job)
                 else:
@@ -356,12 +392,12 @@ class KVSender:
             except TransferFailed as e:
                 transfer._fail(e)
                 if isinstance(job, _CompleteJob):
-                    job.future.set_exception(transfer.failure)
+                    _resolve(job.future, error=transfer.failure)
             except Exception as e:  # the data plane or the receiver is gone: every open transfer fails
                 self._break(PeerLost(f"lost the receiver: {e}"))
                 transfer._fail(self._broken)
                 if isinstance(job, _CompleteJob):
-                    job.future.set_exception(transfer.failure)
+                    _resolve(job.future, error=transfer.failure)
 
     def _send_layer(self, job: _LayerJob) -> None:
         if job.ready is None:
@@ -381,19 +417,26 @@ class KVSender:
                 latent, index_keys = self.pools
                 pool = latent[job.layer] if kind == RowKind.LATENT else index_keys[job.layer]
             max_bytes = self._data.max_chunk_bytes(from_pool=pool is not None)
+            if max_bytes is not None and transfer.max_frame_bytes is not None:
+                max_bytes = min(max_bytes, transfer.max_frame_bytes)  # the receiver refuses bigger frames
             row_bytes = layout.row_dim(kind) * layout.dtype.itemsize
             chunk_tokens = max(1, transfer.num_tokens if max_bytes is None else max_bytes // row_bytes)
+            where = (job.layer, kind)
+            crc: int | None = transfer.checksums.get(where, 0)
             for offset in range(0, transfer.num_tokens, chunk_tokens):
                 transfer._raise_if_failed()  # an abort or a lost lease stops a layer midway
                 count = min(chunk_tokens, transfer.num_tokens - offset)
                 header = FrameHeader(transfer.key, job.layer, kind, offset, count)
                 if pool is None:
-                    chunk = Chunk(header, rows=rows[offset : offset + count])
+                    chunk = Chunk(header, transfer.frame_key, crc or 0, rows=rows[offset : offset + count])
                 else:
                     first = transfer.start_token + offset
-                    chunk = Chunk(header, pool=pool, block_ids=transfer.src_block_ids, first_token=first)
+                    table = transfer.src_block_ids
+                    chunk = Chunk(header, transfer.frame_key, crc or 0, pool=pool, block_ids=table, first_token=first)
                 began = time.perf_counter()
-                nbytes = self._data.send(chunk)
+                nbytes, sent_crc = self._data.send(chunk)
+                crc = None if crc is None or sent_crc is None else sent_crc  # one chunk not on the host: no checksum
+                transfer.checksums[where] = crc
                 transfer.last_active = time.monotonic()  # a long layer on a slow link is progress too
                 with self._lock:
                     self.stats.bytes_sent += nbytes
@@ -401,14 +444,20 @@ class KVSender:
 
     def _complete(self, job: _CompleteJob) -> None:
         transfer = job.transfer
-        self._data.settle(transfer.key)  # the receiver is done reading: the completion may overtake no chunk
-        status = self._stub.Complete(job.completion.to_proto(transfer.transfer_id), timeout=self._rpc_timeout_s)
+        self._data.settle(transfer.key, transfer.frame_key)  # the receiver is done reading: no chunk is overtaken
+        request = job.completion.to_proto(transfer.ref, self.session_id)
+        request.checksums.extend(
+            pb.RowChecksum(layer=layer, kind=int(kind), crc32=crc)
+            for (layer, kind), crc in transfer.checksums.items()
+            if crc is not None
+        )
+        status = self._control.call("Complete", request)
         raise_for_status(status)
         with self._lock:
             transfer.done = True
             self._transfers.pop(transfer.transfer_id, None)
             self.stats.transfers_completed += 1
-        job.future.set_result(None)
+        _resolve(job.future)
 
     def _break(self, error: TransferFailed) -> None:
         """The session is unusable: fail every open transfer; later calls raise `error`."""
@@ -439,14 +488,14 @@ class KVSender:
             self._renew(working)
 
     def _renew(self, transfers: list[OutgoingTransfer]) -> None:
-        request = pb.RenewLeaseRequest(transfer_ids=[t.transfer_id for t in transfers])
+        request = pb.RenewLeaseRequest(session_id=self.session_id, transfers=[t.ref for t in transfers])
         try:
-            reply = self._stub.RenewLease(request, timeout=self._rpc_timeout_s)
-        except grpc.RpcError as e:
+            reply = self._control.call("RenewLease", request)
+        except (grpc.RpcError, Unauthenticated) as e:
             now = time.monotonic()
             for transfer in transfers:  # past its lease the receiver has given the transfer up anyway
                 if now - transfer.last_renewed > transfer.lease_s:
-                    transfer._fail(PeerLost(f"cannot reach the receiver to renew the lease: {e.code()}"))
+                    transfer._fail(PeerLost(f"cannot reach the receiver to renew the lease: {_rpc_error(e)}"))
                 transfer.renew_at = now + min(transfer.lease_s / 3, _RETRY_S)
             return
         now = time.monotonic()
@@ -457,11 +506,12 @@ class KVSender:
             else:
                 transfer._fail(transfer_failed(FailureKind.from_proto(status.failure), status.reason))
 
-    def _rpc_abort(self, transfer_id: str, reason: str) -> None:
+    def _rpc_abort(self, transfer: OutgoingTransfer, reason: str) -> None:
+        request = pb.AbortRequest(session_id=self.session_id, transfer=transfer.ref, reason=reason[:200])
         try:
-            self._stub.Abort(pb.AbortRequest(transfer_id=transfer_id, reason=reason), timeout=self._rpc_timeout_s)
-        except grpc.RpcError as e:  # the receiver's lease will expire instead
-            log.warning("could not tell the receiver that %s was aborted: %s", transfer_id, e.code())
+            self._control.call("Abort", request)
+        except (grpc.RpcError, Unauthenticated) as e:  # the receiver's lease will expire instead
+            log.warning("could not tell the receiver that %s was aborted: %s", transfer.transfer_id, _rpc_error(e))
 
 
 class MirroredTransfer:
@@ -525,15 +575,32 @@ class MirroredTransfer:
             raise
 
 
-def open_mirrored(senders: Sequence[KVSender], transfer_id: str) -> OutgoingTransfer | MirroredTransfer:
-    """Open `transfer_id` at each sender's receiver (one sender: its plain transfer). If one refuses, the transfers
-    already opened are aborted."""
+def open_mirrored(
+    senders: Sequence[KVSender], transfer_id: str, capability: bytes
+) -> OutgoingTransfer | MirroredTransfer:
+    """Open `transfer_id` at each sender's receiver (one sender: its plain transfer); the decode replica registered
+    it with the same capability at each. If one refuses, the transfers already opened are aborted."""
     transfers: list[OutgoingTransfer] = []
     try:
         for sender in senders:
-            transfers.append(sender.open_transfer(transfer_id))
+            transfers.append(sender.open_transfer(transfer_id, capability))
     except BaseException as e:
         for transfer in transfers:
             transfer.abort(f"another receiver of the same KV refused it: {e!r}")
         raise
     return transfers[0] if len(transfers) == 1 else MirroredTransfer(transfers)
+
+
+def _rpc_error(error: Exception) -> str:
+    return str(error.code()) if isinstance(error, grpc.RpcError) else str(error)
+
+
+def _resolve(future: Future, error: BaseException | None = None) -> None:
+    """Settle a completion future, unless its caller gave up on it (cancelled it): the send loop must live on."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(None)
+    except InvalidStateError:
+        pass

@@ -14,6 +14,8 @@ class ReceiverStats:
     transfer_seconds: float = 0.0  # registration to completion, summed over completed transfers
     data_seconds: float = 0.0  # first chunk arrived to every row in the pools, summed over completed transfers
     chunks_dropped: int = 0  # arrived for a transfer that had failed or was unknown: never written
+    connections_refused: int = 0  # data-plane connections closed at once: every connection slot was taken
+    hellos_refused: int = 0  # data-plane connections that did not prove the cluster secret (or named no session)
 
 
 @dataclass

@@ -25,7 +25,8 @@ from glmserve.engine.async_engine import AsyncEngine, EngineDeadError
 from glmserve.engine.engine_args import EngineArgs
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.engine.remote import PrefillRequest, PrefillResult
-from glmserve.kvtransfer.errors import TransferFailed
+from glmserve.kvtransfer.auth import ClusterSecret, resolve_secret
+from glmserve.kvtransfer.errors import PeerLost, TransferFailed
 from glmserve.kvtransfer.sender import KVSender, MirroredTransfer, OutgoingTransfer, open_mirrored
 from glmserve.model.model_runner import StepInputs
 
@@ -47,9 +48,11 @@ class KVStreams:
     prefill replica, whose rank 0 sends) sends nothing but holds and frees the same blocks, so that the ranks' block
     managers, and with them their schedules, stay alike."""
 
-    def __init__(self, engine: LLMEngine, transport: str = "tcp"):
+    def __init__(self, engine: LLMEngine, transport: str = "tcp", secret: ClusterSecret | str | None = None):
+        """`secret`: the cluster's KV transfer secret (default: `GLMSERVE_KV_SECRET`, see `kvtransfer.auth`)."""
         self.engine = engine
         self.transport = transport
+        self.secret = resolve_secret(secret)
         self.layout, self.latent, self.index_keys = engine.transfer_layout()
         self._senders: dict[str, KVSender] = {}
         self._senders_lock = threading.Lock()
@@ -58,10 +61,15 @@ class KVStreams:
         engine.hidden_hook = self._on_hidden
 
     def _sender(self, address: str) -> KVSender:
+        """The session to a receiver, connected on first use and again once the old one is gone (the receiver
+        closes idle sessions, and a restarted decode replica knows none)."""
         with self._senders_lock:
+            for gone in [a for a, s in self._senders.items() if not s.alive]:  # e.g. a decode replica that died:
+                self._senders.pop(gone).close()  # its threads, socket and buffers go with it
             sender = self._senders.get(address)
             if sender is None:
-                sender = KVSender.connect(address, self.layout, self.transport, pools=(self.latent, self.index_keys))
+                pools = (self.latent, self.index_keys)
+                sender = KVSender.connect(address, self.layout, self.transport, pools=pools, secret=self.secret)
                 self._senders[address] = sender
             return sender
 
@@ -100,9 +108,13 @@ class KVStreams:
     # ---- requests ----
     def open(self, request: PrefillRequest) -> OutgoingTransfer | MirroredTransfer:
         """The request's transfer, at the decode worker's receiver and at each mirror (the other ranks of a parallel
-        decode replica); blocks while it connects."""
-        senders = [self._sender(address) for address in (request.receiver_address, *request.mirror_addresses)]
-        return open_mirrored(senders, request.request_id)
+        decode replica), with the capability the decode worker drew for it; blocks while it connects. A session the
+        receiver dropped since its last use is replaced once."""
+        addresses = (request.receiver_address, *request.mirror_addresses)
+        try:
+            return open_mirrored([self._sender(a) for a in addresses], request.request_id, request.capability)
+        except PeerLost:
+            return open_mirrored([self._sender(a) for a in addresses], request.request_id, request.capability)
 
     def track(self, request_id: str, prompt_len: int, transfer: OutgoingTransfer | MirroredTransfer | None) -> None:
         """Stream the prompt's KV into `transfer` as the engine computes it (before the engine's next step)."""
@@ -153,9 +165,9 @@ class PrefillWorker:
     """One engine in this process. The engine-side steps of a prefill (`_open`, `_track`, `_complete`, `_abort`,
     `_release`) are methods, so that `cluster.prefill_ranks.ParallelPrefillWorker` can run them on rank actors."""
 
-    def __init__(self, engine_args: EngineArgs, transport: str = "tcp"):
+    def __init__(self, engine_args: EngineArgs, transport: str = "tcp", secret: ClusterSecret | str | None = None):
         self.engine = LLMEngine(engine_args)
-        self.streams = KVStreams(self.engine, transport)
+        self.streams = KVStreams(self.engine, transport, secret)
         self.layout = self.streams.layout
         self.async_engine = AsyncEngine(self.engine)
 

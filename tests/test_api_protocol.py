@@ -62,6 +62,7 @@ WEATHER_TOOL = {
 
 
 FUNC = {"name": "f", "arguments": "{}"}
+FMT = {"type": "string", "format": "hostname"}  # a format a raw string tool argument cannot be held to
 
 
 def chat_body(**fields) -> dict:
@@ -142,6 +143,9 @@ def test_full_chat_request_parses_every_field():
     assert messages[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "days": 2}
 
     params = request.sampling_params(default_max_tokens=1000)
+    # response_format next to tool_choice "auto": the output is either tool calls or the JSON, after the reasoning
+    structured = params.pop("structured_outputs")
+    assert structured.reasoning_end == "</think>" and structured.grammar.startswith("start: (call+) | json_")
     assert params == {
         "temperature": 0.7,
         "top_p": 0.9,
@@ -322,7 +326,16 @@ def test_completion_request_prompts():
             "tools.0.function.parameters",
         ),
         ({"tool_choice": "sometimes"}, "tool_choice"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),  # forced, but with no tools to call
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"u": FMT}}}}]}
+            | {"tool_choice": "required"},
+            "tool_choice",
+        ),  # a raw string value cannot be held to this format
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"guided_json": {}, "response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),

@@ -1,8 +1,9 @@
 """Disaggregated serving on Ray Serve: prefill and decode replicas exchanging KV over the transfer service.
 
 Greedy output is the same token for token whether a prompt is prefilled by a prefill replica, by the decode
-replica itself (short prompt, or colocated mode), or by the offline engine; a prefill replica killed
-mid-transfer ends in a local recompute (or, under the fail policy, a clear 503), never a hang or a leaked block.
+replica itself (short prompt, or colocated mode), or by the offline engine, `max_tokens: 1` included; a prefill
+replica killed mid-transfer ends in a local recompute (or, under the fail policy, a clear 503), never a hang or a
+leaked block; a request caught by a dying decode replica gets an OpenAI-shaped 503 with Retry-After.
 """
 
 import threading
@@ -16,6 +17,7 @@ from ray import serve
 from server_process import free_port
 
 from glmserve import LLM, SamplingParams
+from glmserve.cluster import serve_env
 from glmserve.cluster.app import build_app
 from glmserve.cluster.serving_config import ServingConfig
 
@@ -34,6 +36,7 @@ def _config(prefill_replicas: int, **kv) -> ServingConfig:
 @pytest.fixture(scope="module")
 def apps():
     """Three apps in one local Ray: disaggregated (recompute on failure), disaggregated (fail), colocated."""
+    serve_env.set_proxy_env()  # as `glmserve serve` does: the proxy's 503 for a request whose replica died
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -83,6 +86,9 @@ def test_disaggregated_equals_colocated_equals_offline(apps):
     for prompt, want in zip(prompts, offline, strict=True):
         assert _tokens(_complete(apps["disagg"], prompt)) == want
         assert _tokens(_complete(apps["coloc"], prompt)) == want
+    for prompt, want in zip(prompts, offline, strict=True):  # one token: the prefill replica's, and nothing more
+        assert _tokens(_complete(apps["disagg"], prompt, max_tokens=1)) == want[:1]
+        assert _tokens(_complete(apps["coloc"], prompt, max_tokens=1)) == want[:1]
     time.sleep(1.5)  # workers post their counters once a second
     assert _metric(apps["disagg"], "kv_transfer_bytes_total", "decode") > 0, "no prompt went through a prefill replica"
     assert _metric(apps["disagg"], "kv_cache_usage_perc", "decode") == 0
@@ -131,3 +137,26 @@ def test_prefill_replica_killed_midway_fails_clearly_under_fail_policy(apps):
     assert r.headers["retry-after"]
     time.sleep(1.5)
     assert _metric(apps["failfast"], "kv_cache_usage_perc", "decode") == 0
+
+
+def _kill_decode_replica(app: str) -> None:
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if f"{app}#DecodeServer" in actor["name"]:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+            return
+    raise AssertionError("no decode replica found")
+
+
+def test_a_request_caught_by_a_dying_decode_replica_gets_a_retryable_503(apps):
+    """Last in the module: the colocated app's only decode replica dies mid-request (Serve then replaces it)."""
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=_complete(apps["coloc"], _prompt(100, 3), 3000)))
+    thread.start()
+    time.sleep(2.0)  # generating
+    _kill_decode_replica("coloc")
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    r = result["r"]
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "service_unavailable_error"

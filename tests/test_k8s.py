@@ -24,7 +24,7 @@ from glmserve.cluster.serving_config import RoleConfig, ServingConfig
 K8S = Path(__file__).resolve().parents[1] / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjobs.yaml"}
-CORE_KINDS = {("v1", "PersistentVolumeClaim"), ("batch/v1", "Job")}
+CORE_KINDS = {("v1", "PersistentVolumeClaim"), ("batch/v1", "Job"), ("v1", "Secret")}
 BUILDER = "glmserve.cluster.app:build_app"
 APP_DEPLOYMENTS = {"PrefillServer", "DecodeServer"}
 ROLES = {"PrefillServer": "prefill", "DecodeServer": "decode"}
@@ -161,6 +161,19 @@ def pod_templates(cluster: dict) -> Iterator[tuple[str, dict]]:
 
 def test_expected_manifests_exist():
     assert {"rayservice-glm5.yaml", "rayservice-tiny-cpu.yaml", "rayjob-bench.yaml"} <= set(DOCUMENTS)
+
+
+@pytest.mark.parametrize("rayservice", documents_of("RayService"))
+def test_every_pod_reads_the_kv_transfer_secret(rayservice):
+    """Prefill and decode replicas can land on any pod: each must see the same cluster secret."""
+    (secret,) = [d for d in DOCUMENTS["kv-transfer-secret.yaml"] if d["kind"] == "Secret"]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            (env,) = [e for e in container.get("env", []) if e["name"] == "GLMSERVE_KV_SECRET"]
+            ref = env["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
 
 
 @pytest.mark.parametrize("name", sorted(DOCUMENTS))
@@ -317,13 +330,19 @@ def test_ray_version_matches_the_image():
     image_version = base.split(":")[1].split("-")[0]
     for name, docs in DOCUMENTS.items():
         for doc in docs:
-            spec = doc["spec"]
-            cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
             if doc["apiVersion"] == "ray.io/v1":
+                spec = doc["spec"]
+                cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
                 assert cluster["rayVersion"] == image_version, name
 
 
-@pytest.mark.parametrize("rayjob", documents_of("RayJob"))
+def jobs_running(*command: str) -> list:
+    """The RayJob documents whose entrypoint starts with `command` ("glmserve", "bench")."""
+    return [p for p in documents_of("RayJob") if shlex.split(p.values[0]["spec"]["entrypoint"])[: len(command)]
+            == list(command)]  # fmt: skip
+
+
+@pytest.mark.parametrize("rayjob", jobs_running("glmserve", "bench"))
 def test_bench_job_replays_a_trace_against_a_service(rayjob):
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[:3] == ["glmserve", "bench", "serve"], argv
@@ -337,3 +356,39 @@ def test_bench_job_replays_a_trace_against_a_service(rayjob):
     head = ray_container(rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"])
     mounts = [m["mountPath"] for m in head.get("volumeMounts", [])]
     assert any(PurePosixPath(bench.output_json).is_relative_to(m) for m in mounts), "the report would be lost"
+
+
+def test_every_rayjob_runs_a_known_command():
+    assert len(jobs_running("glmserve", "bench")) + len(jobs_running("glmserve", "batch")) == len(
+        documents_of("RayJob")
+    )
+    assert jobs_running("glmserve", "batch"), "k8s/rayjob-batch.yaml"
+
+
+@pytest.mark.parametrize("rayjob", jobs_running("glmserve", "batch"))
+def test_batch_job_reads_and_writes_a_volume_every_pod_mounts(rayjob):
+    """The real command line validates (an unknown flag exits here, a bad value fails JobConfig); its input, output,
+    error file and summary lie on a declared volume that the head (the driver writes the results) and every worker
+    (the engine actors read the documents) mount at the same path; the engine actors fit the workers."""
+    from glmserve.batch.job import JobConfig
+
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    config = JobConfig.from_args(build_parser().parse_args(argv[1:]))
+    claims = {
+        d["metadata"]["name"]: d for docs in DOCUMENTS.values() for d in docs if d["kind"] == "PersistentVolumeClaim"
+    }
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    paths = [config.input or config.documents, config.output, config.errors_path, config.summary_json]
+    for group_name, template in pod_templates(cluster):
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        for path in filter(None, paths):
+            mounts = [m for m in ray_container(template).get("volumeMounts", [])
+                      if PurePosixPath(path).is_relative_to(m["mountPath"])]  # fmt: skip
+            assert mounts, f"{group_name}: nothing mounted at {path}"
+            claim = volumes[mounts[0]["name"]]["persistentVolumeClaim"]["claimName"]
+            assert claim in claims, f"{group_name}: claim {claim} is declared in no k8s/ file"
+            if cluster.get("workerGroupSpecs"):
+                assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], "head and workers share it"
+    workers = [ray_node_resources(g) for g in cluster.get("workerGroupSpecs", []) for _ in range(g["minReplicas"])]
+    actor = (config.num_cpus_per_actor, config.num_gpus_per_actor or 0)
+    assert packs([actor] * config.concurrency, workers), f"{config.concurrency} actors of {actor} on {workers}"

@@ -19,6 +19,7 @@ from glmserve.kvtransfer import (
     LeaseExpired,
     TransferAborted,
     TransferFailed,
+    new_capability,
 )
 from glmserve.kvtransfer.paged_rows import read_rows, write_rows
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.timeout(60)
 LAYOUT = KVLayout(num_layers=4, block_size=4, latent_dim=8, index_dim=3, index_layers=(0, 2), dtype=torch.bfloat16)
 NUM_BLOCKS = 12
 SENTINEL = -7.0  # what "someone else's data" looks like; must survive anything not addressed to it
+CAP = new_capability()  # the capability of every test transfer (the decode worker draws one per transfer)
 WAIT_S = 10.0
 
 
@@ -107,7 +109,7 @@ def test_tcp_transfer_is_bit_exact_with_offset_partial_blocks_and_layers_out_of_
     start, n = 5, 9  # tokens 5..13: partial first block, one whole block, partial last block
     dst = [9, 3, 0, 7]  # block table of the sequence on the decode side (block 9 is prefix-cached, untouched)
     before = snapshot(receiver)
-    future = receiver.register("req-1", dst, num_tokens=n, start_token=start, lease_s=WAIT_S)
+    future = receiver.register("req-1", dst, num_tokens=n, start_token=start, lease_s=WAIT_S, capability=CAP)
     src_table = None
     if source == "rows":
         latent_rows, index_rows = random_rows(n)
@@ -118,7 +120,7 @@ def test_tcp_transfer_is_bit_exact_with_offset_partial_blocks_and_layers_out_of_
         latent_rows = {i: expected_rows(p, src_table, start, n) for i, p in enumerate(pools[0])}
         index_rows = {i: expected_rows(p, src_table, start, n) for i, p in pools[1].items()}
     sender = KVSender.connect(receiver.address, LAYOUT, pools=pools, chunk_bytes=48)  # 3 latent rows per chunk
-    transfer = sender.open_transfer("req-1", src_block_ids=src_table)
+    transfer = sender.open_transfer("req-1", CAP, src_block_ids=src_table)
     assert (transfer.start_token, transfer.num_tokens) == (start, n)
     for layer in [3, 0, 2, 1]:
         if source == "rows":
@@ -147,8 +149,11 @@ def test_tcp_transfer_is_bit_exact_with_offset_partial_blocks_and_layers_out_of_
 
 def test_two_transfers_interleave_on_one_session(receiver, sender):
     tables = {"a": [1, 2, 3], "b": [4, 5]}
-    futures = {tid: receiver.register(tid, table, num_tokens=len(table) * 4 - 1) for tid, table in tables.items()}
-    transfers = {tid: sender.open_transfer(tid) for tid in tables}
+    futures = {
+        tid: receiver.register(tid, table, num_tokens=len(table) * 4 - 1, capability=CAP)
+        for tid, table in tables.items()
+    }
+    transfers = {tid: sender.open_transfer(tid, CAP) for tid in tables}
     rows = {tid: random_rows(t.num_tokens, seed=i) for i, (tid, t) in enumerate(transfers.items())}
     for layer in range(LAYOUT.num_layers):
         for tid, transfer in transfers.items():
@@ -164,8 +169,8 @@ def test_two_transfers_interleave_on_one_session(receiver, sender):
 
 
 def test_completion_waits_until_every_layer_landed(receiver, sender):
-    future = receiver.register("req", [0, 1], num_tokens=6, lease_s=1.0)
-    transfer = sender.open_transfer("req")
+    future = receiver.register("req", [0, 1], num_tokens=6, lease_s=1.0, capability=CAP)
+    transfer = sender.open_transfer("req", CAP)
     latent_rows, index_rows = random_rows(6)
     for layer in range(LAYOUT.num_layers - 1):  # the last layer never comes
         transfer.send_layer(layer, latent_rows[layer], index_rows.get(layer))
@@ -178,7 +183,7 @@ def test_completion_waits_until_every_layer_landed(receiver, sender):
 
 def test_lease_expires_when_no_sender_opens_the_transfer(receiver):
     began = time.monotonic()
-    future = receiver.register("orphan", [0], num_tokens=2, lease_s=0.3)
+    future = receiver.register("orphan", [0], num_tokens=2, lease_s=0.3, capability=CAP)
     with pytest.raises(LeaseExpired, match="open it"):
         future.result(WAIT_S)
     assert time.monotonic() - began < 0.3 + 0.5
@@ -186,8 +191,8 @@ def test_lease_expires_when_no_sender_opens_the_transfer(receiver):
 
 
 def test_renewal_keeps_a_short_lease_alive_while_the_sender_works(receiver, sender):
-    future = receiver.register("slow", [0, 1], num_tokens=8, lease_s=0.4)
-    transfer = sender.open_transfer("slow")
+    future = receiver.register("slow", [0, 1], num_tokens=8, lease_s=0.4, capability=CAP)
+    transfer = sender.open_transfer("slow", CAP)
     latent_rows, index_rows = random_rows(8)
     for layer in range(LAYOUT.num_layers):  # 1.2 s of "prefill", three leases long
         time.sleep(0.3)
@@ -198,8 +203,8 @@ def test_renewal_keeps_a_short_lease_alive_while_the_sender_works(receiver, send
 
 def test_a_transfer_idle_for_a_lease_is_left_to_expire(receiver, sender):
     lease_s = 0.4
-    future = receiver.register("hung", [0, 1], num_tokens=8, lease_s=lease_s)
-    transfer = sender.open_transfer("hung")
+    future = receiver.register("hung", [0, 1], num_tokens=8, lease_s=lease_s, capability=CAP)
+    transfer = sender.open_transfer("hung", CAP)
     for _ in range(12):  # 1.2 s of prefill steps with no layer ready yet: keepalive holds the lease
         time.sleep(0.1)
         transfer.keepalive()
@@ -214,8 +219,8 @@ def test_a_transfer_idle_for_a_lease_is_left_to_expire(receiver, sender):
 
 def test_abort_by_sender_fails_both_ends(receiver, sender):
     before = snapshot(receiver)
-    future = receiver.register("req", [2, 3], num_tokens=8)
-    transfer = sender.open_transfer("req")
+    future = receiver.register("req", [2, 3], num_tokens=8, capability=CAP)
+    transfer = sender.open_transfer("req", CAP)
     transfer.abort("prefill worker is draining")
     with pytest.raises(TransferAborted, match="draining"):
         future.result(WAIT_S)
@@ -228,8 +233,10 @@ def test_abort_by_sender_fails_both_ends(receiver, sender):
 
 
 def test_abort_by_receiver_drops_late_data_into_reused_blocks(receiver, sender):
-    future = receiver.register("req", [2, 3], num_tokens=8, lease_s=30.0)  # sender renews every 10 s: it won't know
-    transfer = sender.open_transfer("req")
+    future = receiver.register(
+        "req", [2, 3], num_tokens=8, lease_s=30.0, capability=CAP
+    )  # sender renews every 10 s: it won't know
+    transfer = sender.open_transfer("req", CAP)
     assert receiver.abort("req", "client disconnected")
     with pytest.raises(TransferAborted, match="client disconnected"):
         future.result(WAIT_S)
@@ -249,7 +256,7 @@ def test_abort_by_receiver_drops_late_data_into_reused_blocks(receiver, sender):
 def test_receiver_close_fails_pending_transfers():
     latent, index_keys = make_pools()
     receiver = KVReceiver(LAYOUT, latent, index_keys, transports=("tcp",))
-    future = receiver.register("req", [0], num_tokens=1)
+    future = receiver.register("req", [0], num_tokens=1, capability=CAP)
     receiver.close()
     with pytest.raises(TransferFailed) as info:
         future.result(WAIT_S)
@@ -258,11 +265,11 @@ def test_receiver_close_fails_pending_transfers():
 
 def test_usable_from_asyncio(receiver, sender):
     async def decode_side():
-        future = receiver.register("req", [5, 6], num_tokens=7)
+        future = receiver.register("req", [5, 6], num_tokens=7, capability=CAP)
         latent_rows, index_rows = random_rows(7)
 
         def prefill_side():
-            transfer = sender.open_transfer("req")
+            transfer = sender.open_transfer("req", CAP)
             for layer in range(LAYOUT.num_layers):
                 transfer.send_layer(layer, latent_rows[layer], index_rows.get(layer))
             return transfer.complete(9, -0.5)
@@ -277,16 +284,16 @@ def test_usable_from_asyncio(receiver, sender):
 
 def test_bad_requests_are_refused(receiver, sender):
     with pytest.raises(ValueError, match="cannot hold"):
-        receiver.register("short", [0], num_tokens=5)
+        receiver.register("short", [0], num_tokens=5, capability=CAP)
     with pytest.raises(ValueError, match="lie in"):
-        receiver.register("oob", [0, NUM_BLOCKS], num_tokens=8)
-    receiver.register("dup", [0], num_tokens=1)
+        receiver.register("oob", [0, NUM_BLOCKS], num_tokens=8, capability=CAP)
+    receiver.register("dup", [0], num_tokens=1, capability=CAP)
     with pytest.raises(ValueError, match="already"):
-        receiver.register("dup", [0], num_tokens=1)
+        receiver.register("dup", [0], num_tokens=1, capability=CAP)
     with pytest.raises(TransferFailed) as info:
-        sender.open_transfer("never-registered")
+        sender.open_transfer("never-registered", CAP)
     assert info.value.kind is FailureKind.UNKNOWN_TRANSFER
-    transfer = sender.open_transfer("dup")
+    transfer = sender.open_transfer("dup", CAP)
     with pytest.raises(ValueError, match="want"):
         transfer.send_layer(
             0, torch.zeros(2, LAYOUT.latent_dim, dtype=LAYOUT.dtype), torch.zeros(1, 3, dtype=LAYOUT.dtype)

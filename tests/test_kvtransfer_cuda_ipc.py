@@ -126,7 +126,7 @@ def incoming(num_blocks: int, dst_table, start: int, num_tokens: int) -> Incomin
     latent, index = pools(LAYOUT, num_blocks, LAYOUT.block_size)
     copy_stream = torch.cuda.Stream() if CUDA else None
     table = torch.tensor(dst_table, device=DEVICE)
-    return IncomingTransfer("t", 1, LAYOUT, latent, index, table, start, num_tokens, 10.0, copy_stream)
+    return IncomingTransfer("t", 1, LAYOUT, latent, index, table, start, num_tokens, 10.0, CAP, copy_stream)
 
 
 def test_incoming_transfer_copies_from_the_senders_pools():
@@ -167,6 +167,7 @@ POOL_LAYOUT = KVLayout(
     num_layers=4, block_size=64, latent_dim=576, index_dim=128, index_layers=(0, 2), dtype=torch.bfloat16
 )
 POOL_BLOCKS = 12
+CAP = b"the test transfer's capability.."  # both processes know it
 POOL_SRC = [7, 2, 11, 0, 5, 9, 3, 10]
 POOL_DST = [4, 8, 1, 11, 6, 0, 9, 2]
 POOL_START, POOL_TOKENS = 37, 6 * 64 + 29  # tokens 37..449: partial first and last blocks
@@ -195,7 +196,7 @@ def pool_sender_main(address, transport, device, plan, connected, resume, halfwa
         sender = KVSender.connect(address, POOL_LAYOUT, transport=transport, pools=seeded_pools(device))
         connected.set()
         resume.get()
-        transfer = sender.open_transfer("req", src_block_ids=POOL_SRC)
+        transfer = sender.open_transfer("req", CAP, src_block_ids=POOL_SRC)
         for i, layer in enumerate(POOL_ORDER):
             if plan != "all" and i == len(POOL_ORDER) // 2:
                 halfway.set()
@@ -247,7 +248,9 @@ def test_cuda_ipc_pool_to_pool_is_bit_exact():
     with pool_receiver() as receiver:
         sender = SenderProcess(receiver.address, "cuda_ipc", "cuda:0", target=pool_sender_main)
         try:
-            future = receiver.register("req", POOL_DST, POOL_TOKENS, start_token=POOL_START, lease_s=WAIT_S)
+            future = receiver.register(
+                "req", POOL_DST, POOL_TOKENS, start_token=POOL_START, lease_s=WAIT_S, capability=CAP
+            )
             sender.go()
             assert future.result(WAIT_S).first_token == 5
             assert sender.result() == "completed"
@@ -272,7 +275,9 @@ def test_cuda_ipc_abort_waits_for_enqueued_copies():
         sender = SenderProcess(receiver.address, "cuda_ipc", "cuda:0", plan="stall", target=pool_sender_main)
         warm_up_copy_kernel()  # compiling it later could outlast the long kernel below
         try:
-            future = receiver.register("req", POOL_DST, POOL_TOKENS, start_token=POOL_START, lease_s=WAIT_S)
+            future = receiver.register(
+                "req", POOL_DST, POOL_TOKENS, start_token=POOL_START, lease_s=WAIT_S, capability=CAP
+            )
             with torch.cuda.stream(receiver._copy_stream):
                 torch.cuda._sleep(4_000_000_000)  # about two seconds of GPU clock
             sender.go()

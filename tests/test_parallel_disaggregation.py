@@ -104,7 +104,7 @@ def _prefill_that_gives_up(layout_source: PrefillWorker):
         assert len(addresses) == 2, "the KV must go to both ranks"
         senders = [KVSender.connect(address, layout) for address in addresses]
         try:
-            transfer = open_mirrored(senders, request.request_id)
+            transfer = open_mirrored(senders, request.request_id, request.capability)
             rows = torch.zeros(transfer.transfers[0].num_tokens, layout.latent_dim)
             transfer.send_layer(0, rows, torch.zeros(rows.shape[0], layout.index_dim))
             transfer.abort("the prefill worker gave up")

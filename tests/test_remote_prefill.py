@@ -59,7 +59,7 @@ def _stalling_prefill(decode_layout_source: PrefillWorker):
 
     async def prefill(request: PrefillRequest):
         sender = KVSender.connect(request.receiver_address, decode_layout_source.layout)
-        transfer = sender.open_transfer(request.request_id)
+        transfer = sender.open_transfer(request.request_id, request.capability)
         transfer.send_layer(
             0,
             torch.zeros(transfer.num_tokens, decode_layout_source.layout.latent_dim),

@@ -36,7 +36,9 @@ def verify_drafts(
     out = []
     for i, d in enumerate(drafts):
         p, q = float(target_probs[i, d]), float(draft_probs[i, d])
-        if q > 0 and uniforms[i] * q <= p:  # u < p/q, without dividing by a tiny q
+        # u < p/q, without dividing by a tiny q; p > 0 too: a draft the target (or its grammar) rules out is never
+        # taken, not even when u draws exactly 0
+        if p > 0 and q > 0 and uniforms[i] * q <= p:
             out.append(d)
             continue
         residual = (target_probs[i] - draft_probs[i]).clamp(min=0)
