@@ -22,14 +22,12 @@ from typing import Literal
 
 from glmserve.engine.async_engine import AsyncEngine
 from glmserve.engine.block_manager import block_hash
-from glmserve.engine.detokenizer import IncrementalDetokenizer
 from glmserve.engine.engine_args import EngineArgs
 from glmserve.engine.llm_engine import LLMEngine
-from glmserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from glmserve.engine.outputs import Logprob, RequestOutput
 from glmserve.engine.protocol import Engine
 from glmserve.engine.remote import PrefillRequest, RemotePrefill, RemotePrefillFailed
 from glmserve.engine.request import EngineRequest
-from glmserve.engine.stop_checker import StopChecker
 from glmserve.kvtransfer.auth import ClusterSecret, new_capability
 from glmserve.kvtransfer.completion import Completion
 from glmserve.kvtransfer.errors import FailureKind, TransferFailed
@@ -151,26 +149,8 @@ class DecodeWorker:
                 cancel()
             raise
         entry = self._logprob_entry(completion, request)
-        finish = self._first_token_finishes(completion.first_token, request)
-        engine = self.engine
-
-        def complete() -> RequestOutput:
-            out = engine.complete_remote(rid, completion.first_token, entry)
-            if finish is not None and not out.finished:
-                engine.abort(rid)  # before any step: the sequence never decodes a second token
-                _finished(out, finish, request)
-            return out
-
-        return await self.async_engine.submit(complete)
-
-    def _first_token_finishes(self, token: int, request: EngineRequest) -> str | None:
-        """Why the prefill worker's token ends the request on its own (max_tokens 1, an eos or stop token or stop
-        string, the model's length), or None: the same check the engine runs on every token it samples."""
-        engine, params = self.engine, request.params
-        tokenizer = engine.tokenizer
-        checker = StopChecker(params, tokenizer.eos_token_ids, engine.max_model_len, len(request.prompt_token_ids))
-        text = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens).add(token)
-        return checker.check(token, text).finish_reason
+        engine = self.engine  # complete_remote ends the request there when that one token finishes it
+        return await self.async_engine.submit(lambda: engine.complete_remote(rid, completion.first_token, entry))
 
     async def _wait_for_kv(self, rid: str, arrived: asyncio.Future, call: asyncio.Future) -> None:
         """Until the KV has landed, the transfer failed, or it must be given up: the prefill call failed (no need
@@ -236,18 +216,6 @@ class DecodeWorker:
         self.async_engine.shutdown()
         if self.receiver is not None:
             self.receiver.close()
-
-
-def _finished(out: RequestOutput, reason: str, request: EngineRequest) -> None:
-    """Mark the first output of a remote prefill as the last: its one token finished the request. (The engine
-    recorded the token, its text and stop reason, but leaves ending the sequence to its steps.)"""
-    delta = out.deltas[0]
-    delta.finish_reason = reason
-    out.finished = True
-    out.prompt_token_ids = list(request.prompt_token_ids)
-    out.outputs = [
-        CompletionOutput(delta.index, delta.text, list(delta.token_ids), delta.logprobs, reason, delta.stop_reason)
-    ]
 
 
 def _ignore_result(future: asyncio.Future) -> None:
