@@ -3,7 +3,8 @@ their translation into chat-template inputs and vLLM-named sampling parameters.
 
 Validation policy:
 - Unknown fields are ignored: OpenAI SDKs and agent frameworks send many we do not use (`store`, `metadata`,
-  `logit_bias`, `suffix`, `best_of`, ...), and refusing them would break those clients.
+  `best_of`, ...), and refusing them would break those clients. Fields that would change the output and are not
+  implemented (`logit_bias` on either endpoint, `suffix` on completions) are refused when set, naming the field.
 - Known fields are strict: no "5" for 5, no 1 for true, no 2.0 for an integer (ints are fine for floats), so a bad
   value is a 400 naming the field. Checks that involve two fields run in the later field's validator, so the error
   still names a field (`top_logprobs`, `tool_choice`); `min_tokens` against `max_tokens` is SamplingParams' check.
@@ -214,6 +215,7 @@ class GenerationRequest(_StrictModel, abc.ABC):
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
+    logit_bias: dict[str, float] | None = None  # refused when non-empty: not implemented
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
@@ -241,6 +243,13 @@ class GenerationRequest(_StrictModel, abc.ABC):
     do_sample: bool | None = None  # False: greedy
     request_id: str | None = None
     user_id: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias:
+            raise ValueError("logit_bias is not supported")
+        return bias
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -451,6 +460,15 @@ class ChatCompletionRequest(GenerationRequest):
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    suffix: str | None = None  # refused when non-empty: not implemented (no fill-in-the-middle)
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("suffix is not supported")
+        return suffix
+
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("prompt", mode="before")

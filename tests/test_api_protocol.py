@@ -344,6 +344,7 @@ def test_completion_request_prompts():
         ({"reasoning_effort": "low"}, "reasoning_effort"),
         ({"do_sample": "false"}, "do_sample"),
         ({"tool_stream": 1}, "tool_stream"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
     ],
 )
 def test_chat_validation_error_names_the_field(fields, param):
@@ -370,6 +371,7 @@ def test_min_tokens_above_the_limit_names_min_tokens(limit):
         ({"prompt": [[]]}, "prompt"),
         ({"prompt": [True, False]}, "prompt"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "suffix": "end"}, "suffix"),
         ({"prompt": "x", "logprobs": True}, "logprobs"),
         ({"prompt": "x", "echo": "x"}, "echo"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
