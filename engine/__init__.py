@@ -1,7 +1,7 @@
 """The engine both roles run: scheduler, block manager with prefix hashing, sequences, sampling, stop checks,
 detokenization, outputs, speculative decoding (`spec/`), the async driver and the offline `LLM`."""
 
-from .async_engine import AsyncEngine, EngineDeadError
+from .async_engine import AsyncEngine, EngineDeadError, EngineStopped
 from .engine_args import EngineArgs
 from .llm import LLM
 from .llm_engine import LLMEngine
@@ -15,6 +15,7 @@ __all__ = [
     "CompletionOutput",
     "EngineArgs",
     "EngineDeadError",
+    "EngineStopped",
     "InvalidRequest",
     "LLMEngine",
     "RequestOutput",

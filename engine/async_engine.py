@@ -23,6 +23,11 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class EngineStopped(RuntimeError):
+    """The engine was shut down (its replica is being removed) before the request finished; retrying elsewhere
+    gives the full output."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -40,6 +45,8 @@ class AsyncEngine:
         try:
             while not self._stopped:
                 self._drain_commands()
+                if self._stopped:
+                    break
                 if not self.engine.has_work:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -49,10 +56,16 @@ class AsyncEngine:
         except BaseException as e:  # surface to every waiter instead of hanging them
             log.exception("engine loop died")
             self._error = e  # before the sweep below: a later submit raises instead of queueing
-            for rid in list(self._streams):
-                self._deliver(rid, self._dead())
-            for future in list(self._unsettled):  # commands that will never run
-                future.get_loop().call_soon_threadsafe(_settle, future, None, self._dead())
+            self._end_all(self._dead)
+            return
+        self._end_all(_stopped)
+
+    def _end_all(self, error: Callable[[], BaseException]) -> None:
+        """Every open stream and every command that will never run gets `error()`."""
+        for rid in list(self._streams):
+            self._deliver(rid, error())
+        for future in list(self._unsettled):
+            future.get_loop().call_soon_threadsafe(_settle, future, None, error())
 
     def _drain_commands(self) -> None:
         while True:
@@ -70,22 +83,25 @@ class AsyncEngine:
 
     # ---- any thread ----
     def check_alive(self) -> None:
-        """Raise EngineDeadError once the engine loop has died (Ray Serve's health check calls this)."""
+        """Raise EngineDeadError once the engine loop has died (Ray Serve's health check calls this), EngineStopped
+        once it was shut down."""
         if self._error is not None:
             raise self._dead()
+        if self._stopped:
+            raise _stopped()
 
     def _dead(self) -> EngineDeadError:
         return EngineDeadError(f"engine loop died: {self._error!r}")
 
     def submit(self, command: Callable[[], Any]) -> "asyncio.Future[Any]":
         """Run `command()` on the engine thread between steps; the future resolves with its result (or, should the
-        engine loop die first, with EngineDeadError)."""
+        engine loop die or stop first, with EngineDeadError or EngineStopped)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._unsettled.add(future)  # before the check: the loop either sees it when dying or has died already
+        self._unsettled.add(future)  # before the check: the loop either sees it when ending or has ended already
         try:
             self.check_alive()
-        except EngineDeadError:
+        except (EngineDeadError, EngineStopped):
             self._unsettled.discard(future)
             raise
 
@@ -133,9 +149,23 @@ class AsyncEngine:
                 self._wake.set()
 
     def shutdown(self) -> None:
+        """Stop the loop. Requests still open are aborted first, so their blocks return to the pool, and their
+        streams end with EngineStopped (a retryable error) rather than hang."""
+
+        def stop() -> None:
+            for rid in list(self._streams):
+                self.engine.abort(rid)
+            self._stopped = True
+
+        if self._thread.is_alive():
+            self._commands.put(stop)
+            self._wake.set()
+            self._thread.join(timeout=5)
         self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=5)
+
+
+def _stopped() -> EngineStopped:
+    return EngineStopped("this replica shut down before the request finished; retry it")
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -167,6 +167,7 @@ class OutputTracker:
             deltas,
             request.finished,
             prompt=request.prompt,
+            scheduled_at=first.scheduled_at,
         )
         if out.finished:
             out.prompt_token_ids = first.prompt_token_ids

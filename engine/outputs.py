@@ -63,3 +63,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)  # cumulative; filled when finished
     prompt_token_ids: list[int] | None = None  # filled when finished
     prompt: str | None = None
+    scheduled_at: float | None = None  # perf_counter() when its prefill began (queue time ends there)

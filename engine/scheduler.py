@@ -7,6 +7,7 @@ The work per step is proportional to the number of sequences, never to their len
 """
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -119,6 +120,7 @@ class Scheduler:
         seq.num_computed_tokens = len(hit) * self.block_size
         if seq.num_cached_tokens is None:
             seq.num_cached_tokens = seq.num_computed_tokens
+            seq.scheduled_at = time.perf_counter()
         return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

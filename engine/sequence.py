@@ -28,6 +28,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks published to the prefix cache
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache on first admission
+    scheduled_at: float | None = None  # perf_counter() when its prefill first got blocks (here or remote)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None  # per-request seeded sampling

@@ -113,7 +113,7 @@ class SimSeq:
     __slots__ = (
         "request_id", "state", "req", "num_tokens", "num_computed_tokens", "block_table", "block_hashes",
         "num_cached_tokens", "status", "num_preemptions", "drafts", "acc", "target", "decoding", "prompt_len",
-        "finish_reason",
+        "finish_reason", "scheduled_at",
     )  # fmt: skip
 
     def __init__(self, state: RequestState, target: int):
@@ -133,6 +133,7 @@ class SimSeq:
         self.target = target  # total tokens (prompt + outputs) at which it finishes
         self.decoding = False
         self.finish_reason: str | None = None
+        self.scheduled_at: float | None = None  # the scheduler stamps it; the simulator keeps its own clock
 
 
 class SimScheduler(Scheduler):

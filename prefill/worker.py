@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from glmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from glmserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStopped
 from glmserve.engine.engine_args import EngineArgs
 from glmserve.engine.llm_engine import LLMEngine
 from glmserve.engine.remote import PrefillRequest, PrefillResult
@@ -219,7 +219,7 @@ class PrefillWorker:
             self._abort(rid, transfer, f"prefill failed: {e!r}")
             raise
         finally:
-            with contextlib.suppress(EngineDeadError):  # a dead engine holds nothing any more
+            with contextlib.suppress(EngineDeadError, EngineStopped):  # an ended engine holds nothing any more
                 await self.async_engine.submit(lambda: self._release(rid))
         return PrefillResult(
             request_id=rid,
