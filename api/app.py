@@ -25,22 +25,26 @@ OPENAPI_PATH = "/openapi.json"
 
 class _ApiKeyAuth:
     """'Authorization: Bearer KEY' on the guarded paths, as plain ASGI middleware (Starlette's `@app.middleware`
-    costs a task group and two memory streams per request)."""
+    costs a task group and two memory streams per request). The matching key's name goes into the request's state
+    (`api_key_name`), for its quota."""
 
-    def __init__(self, app: ASGIApp, api_key: str, exact: frozenset[str] = frozenset()):
+    def __init__(self, app: ASGIApp, keys: dict[str, str], exact: frozenset[str] = frozenset()):
         self.app = app
-        self.api_key = api_key.encode()
+        self.keys = [(name, key.encode()) for name, key in keys.items()]
         self.exact = exact  # guarded beyond /v1/*
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = URL(scope=scope).path
             if path.startswith("/v1/") or path in self.exact:
-                given = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), self.api_key):
+                given = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ").strip().encode()
+                # every key compared, in constant time each: the time taken says nothing about which one matched
+                matches = [name for name, key in self.keys if hmac.compare_digest(given, key)]
+                if not matches:
                     e = AuthenticationError("Incorrect API key provided.")
                     await JSONResponse(e.body(), status_code=e.status_code)(scope, receive, send)
                     return
+                scope.setdefault("state", {})["api_key_name"] = matches[0]
         await self.app(scope, receive, send)
 
 
@@ -80,37 +84,42 @@ class _BodyLimit:
 
 def create_app(
     server: OpenAIServer,
-    api_key: str | None = None,
+    api_keys: dict[str, str] | None = None,
     replica_stats: StatsSource | None = None,
     max_body_bytes: int = 16 << 20,
     metrics_need_api_key: bool = False,
     openapi: bool = False,
 ) -> FastAPI:
-    """`replica_stats`, when given, returns every replica's latest stats: /metrics then reports the whole
-    deployment (API totals, per-replica worker stats) rather than this process alone."""
+    """`api_keys`: name -> key; with any, /v1/* needs one of them. `replica_stats`, when given, returns every
+    replica's latest stats: /metrics then reports the whole deployment (API totals, per-replica worker stats) rather
+    than this process alone."""
     app = FastAPI(title="glmserve", docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH if openapi else None)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        server.metrics.errored(e.status_code)
         return JSONResponse(e.body(), status_code=e.status_code, headers=e.headers)
 
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
-    if api_key:  # added last, so it runs first: no body is read for a request without the key
+    if api_keys:  # added last, so it runs first: no body is read for a request without a key
         guarded = {OPENAPI_PATH} | ({"/metrics"} if metrics_need_api_key else set())
-        app.add_middleware(_ApiKeyAuth, api_key=api_key, exact=frozenset(guarded))
+        app.add_middleware(_ApiKeyAuth, keys=api_keys, exact=frozenset(guarded))
 
     async def _respond(result) -> Response:
         if hasattr(result, "__aiter__"):
             return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return Response(result.model_dump_json(), media_type="application/json")
 
+    def key_name(request: Request) -> str | None:
+        return getattr(request.state, "api_key_name", None)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await _respond(await server.chat(await request.body()))
+        return await _respond(await server.chat(await request.body(), key_name(request)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _respond(await server.completions(await request.body()))
+        return await _respond(await server.completions(await request.body(), key_name(request)))
 
     @app.get("/v1/models")
     async def models() -> Response:

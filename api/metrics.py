@@ -32,7 +32,14 @@ WORKER_METRICS = {
     "num_preemptions": ("num_preemptions", "counter", "Sequences preempted for lack of KV blocks"),
     "spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens", "counter", "Draft tokens judged"),
     "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "counter", "Draft tokens accepted"),
+    "num_requests_admitted": ("num_requests_admitted", "gauge", "Sequences admitted and not yet ended"),
+    "queued_prompt_tokens": ("queued_prompt_tokens", "gauge", "Prompt tokens admitted, before their first token"),
+    "prefill_tokens_per_s": ("prefill_tokens_per_s", "gauge", "Measured rate at which the prompt backlog clears"),
+    # posted by the autoscaling policies (replica label "autoscaler:<deployment>")
+    "autoscaling_desired_replicas": ("autoscaling_desired_replicas", "gauge", "Replicas the SLO policy asks for"),
+    "autoscaling_current_replicas": ("autoscaling_current_replicas", "gauge", "Replicas when it decided"),
 }
+AUTOSCALING_SIGNAL_PREFIX = "autoscaling_signal_"  # + signal name: replicas that signal alone would need
 SPEC_PREFIXES = {"spec_decode_accepted_pos": "accepted", "spec_decode_drafted_pos": "drafted"}
 
 
@@ -95,34 +102,69 @@ class _WorkerStats:
                     if key.startswith(prefix):
                         per_pos.add_metric([replica, key.removeprefix(prefix), kind], float(value))
         yield per_pos
+        signals = GaugeMetricFamily(
+            PREFIX + "autoscaling_signal_replicas",
+            "Replicas each input of the autoscaling policy calls for, by signal",
+            labels=["replica", "role", "signal"],
+        )
+        for replica, stats in sorted(self.latest.items()):
+            for key, value in stats.items():
+                if key.startswith(AUTOSCALING_SIGNAL_PREFIX):
+                    signal = key.removeprefix(AUTOSCALING_SIGNAL_PREFIX)
+                    signals.add_metric([replica, str(stats.get("role", "")), signal], float(value))
+        yield signals
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The API series of one process, every one labelled with the served model's name (vLLM's `model_name`)."""
+
+    def __init__(self, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
-        self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds",
-            "Time to first token",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.itl = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Time between streamed tokens",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
-            "Request latency, arrival to last token",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.requests = Counter(
-            PREFIX + "request_success", "Finished requests by reason", ["finished_reason"], registry=self.registry
-        )
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens", registry=self.registry)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens", registry=self.registry)
+        self.model_name = model_name
+
+        def histogram(name: str, help_text: str) -> Histogram:
+            series = Histogram(
+                PREFIX + name, help_text, ["model_name"], buckets=LATENCY_BUCKETS, registry=self.registry
+            )
+            return series.labels(model_name=model_name)
+
+        def counter(name: str, help_text: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, help_text, ["model_name", *labels], registry=self.registry)
+
+        # latencies from the moment the request reached the server, as the client sees them
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token, from arrival")
+        self.itl = histogram("inter_token_latency_seconds", "Time between streamed tokens")
+        self.e2e = histogram("e2e_request_latency_seconds", "Request latency, arrival to last token")
+        # where the time went (vLLM's phases): waiting for blocks, prefill (local or remote), decode
+        self.queue_time = histogram("request_queue_time_seconds", "Arrival to the start of its prefill")
+        self.prefill_time = histogram("request_prefill_time_seconds", "Start of its prefill to its first token")
+        self.decode_time = histogram("request_decode_time_seconds", "First token to last token")
+        self._requests = counter("request_success", "Finished requests by reason", ("finished_reason",))
+        self._rejected = counter("request_rejected", "Requests refused before any work (429/503)", ("reason",))
+        self._errors = counter("request_errors", "Requests that ended in an error, by HTTP status", ("status",))
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens").labels(model_name=model_name)
+        self.generation_tokens = counter("generation_tokens", "Generated tokens").labels(model_name=model_name)
+
+    def itl_totals(self) -> tuple[float, float]:
+        """The sum and count of inter-token gaps so far (the autoscaler takes their recent mean as TPOT)."""
+        values = {
+            s.name: s.value
+            for f in self.registry.collect()
+            if f.name == PREFIX + "inter_token_latency_seconds"
+            for s in f.samples
+            if s.labels.get("model_name") == self.model_name
+        }
+        name = PREFIX + "inter_token_latency_seconds"
+        return values.get(name + "_sum", 0.0), values.get(name + "_count", 0.0)
+
+    def finished(self, reason: str) -> None:
+        self._requests.labels(model_name=self.model_name, finished_reason=reason).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(model_name=self.model_name, reason=reason).inc()
+
+    def errored(self, status: int) -> None:
+        self._errors.labels(model_name=self.model_name, status=str(status)).inc()
 
     def samples(self) -> dict[str, float]:
         """This process's API series, flat, for the stats board (`_created` timestamps do not add up: left out)."""

@@ -16,7 +16,8 @@ from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from glmserve.engine.async_engine import EngineDeadError
+from glmserve.engine.admission import Admission, Overloaded, Ticket
+from glmserve.engine.async_engine import EngineDeadError, EngineStopped
 from glmserve.engine.grammar import GrammarCompiler
 from glmserve.engine.outputs import CompletionDelta, RequestOutput
 from glmserve.engine.remote import RemotePrefillFailed
@@ -27,9 +28,17 @@ from glmserve.model.chat_template import ChatTemplateError
 from glmserve.model.tokenizer import Tokenizer
 
 from .chat_assembler import ChoiceAssembler, chat_logprobs, finish_reason
-from .errors import APIError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError, from_validation_error
+from .errors import (
+    APIError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RateLimitError,
+    ServiceUnavailableError,
+    from_validation_error,
+)
 from .limits import INLINE_CHARS, RequestLimits, chat_prompt_chars, max_chars_per_token
 from .metrics import Metrics
+from .quota import Quotas
 from .request_models import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from .response_models import (
     ChatChoice,
@@ -67,31 +76,53 @@ class EngineClient(Protocol):
 
 
 class _Timer:
-    """TTFT, inter-token latency and end-to-end latency of one request, into the metrics."""
+    """One request's latencies into the metrics, from its arrival at the server (so queueing and prefill count):
+    TTFT, inter-token latency and end-to-end, and the queue / prefill / decode phases vLLM reports."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
-        self.start = self.last = time.perf_counter()
-        self.first = True
+        self.arrived = self.last = time.perf_counter()
+        self.first_at: float | None = None
 
-    def tokens(self, n: int) -> None:
+    def output(self, out: RequestOutput) -> None:
+        n = max((len(d.token_ids) for d in out.deltas), default=0)  # n > 1 choices advance side by side
         if n == 0:
             return
         now = time.perf_counter()
-        if self.first:
-            self.metrics.ttft.observe(now - self.start)
-            self.first = False
+        if self.first_at is None:
+            self.first_at = now
+            self.metrics.ttft.observe(now - self.arrived)
+            started = out.scheduled_at if out.scheduled_at is not None else self.arrived
+            self.metrics.queue_time.observe(max(0.0, started - self.arrived))
+            self.metrics.prefill_time.observe(max(0.0, now - started))
         else:
             for _ in range(n):  # several tokens in one step (speculative decoding) share the gap
                 self.metrics.itl.observe((now - self.last) / n)
         self.last = now
 
     def done(self, reasons: list[str | None], prompt_tokens: int, completion_tokens: int) -> None:
-        self.metrics.e2e.observe(time.perf_counter() - self.start)
+        now = time.perf_counter()
+        self.metrics.e2e.observe(now - self.arrived)
+        if self.first_at is not None:
+            self.metrics.decode_time.observe(now - self.first_at)
         for reason in reasons:
-            self.metrics.requests.labels(finished_reason=reason or "abort").inc()
+            self.metrics.finished(reason or "abort")
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(completion_tokens)
+
+
+class _Call:
+    """What one request carries through the server: its timer, the API key it came with, its admission ticket."""
+
+    def __init__(self, server: "OpenAIServer", key: str | None):
+        self.server = server
+        self.timer = _Timer(server.metrics)
+        self.key = key
+        self.ticket: Ticket | None = None
+
+    def done(self, reasons: list[str | None], usage: Usage) -> None:
+        self.timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
+        self.server.quotas.used(self.key, usage.completion_tokens)
 
 
 class OpenAIServer:
@@ -103,13 +134,18 @@ class OpenAIServer:
         max_model_len: int,
         metrics: Metrics | None = None,
         limits: RequestLimits | None = None,
+        admission: Admission | None = None,
+        quotas: Quotas | None = None,
     ):
+        """`admission`: this replica's overload limits (none by default); `quotas`: per-API-key rates."""
         self.client = client
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(model_name)
         self.limits = limits or RequestLimits()
+        self.admission = admission or Admission()
+        self.quotas = quotas or Quotas([])
         self.max_prompt_chars = max_model_len * max_chars_per_token(tokenizer)
         self._executor = ThreadPoolExecutor(_WORKERS, thread_name_prefix="api-prepare")
         self.grammars = GrammarCompiler(tokenizer)  # structured output is compiled here first: a bad one is a 400
@@ -171,10 +207,37 @@ class OpenAIServer:
                 raise InvalidRequestError(str(e), param=req.structured_output()[1]) from None
         return params  # the prompt and stop ids are checked where they meet the engine (engine.validation)
 
-    async def _stream(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+    def _reserve(self, call: _Call, num_seqs: int) -> Ticket:
+        """A place in this replica for the request, before its prompt is rendered (503 when overloaded)."""
+        try:
+            call.ticket = self.admission.reserve(num_seqs)
+        except Overloaded as e:
+            raise self._rejection(e) from None
+        return call.ticket
+
+    def _admit(self, call: _Call, prompt_tokens: int) -> None:
+        """The prompt's admission: the replica's backlog (503), then the key's quota (429; charged only for a request
+        that runs)."""
+        try:
+            call.ticket.admit_prompt(prompt_tokens)
+        except Overloaded as e:
+            raise self._rejection(e) from None
+        try:
+            self.quotas.admit(call.key, prompt_tokens)
+        except RateLimitError as e:  # the caller releases the ticket
+            self.metrics.rejected(e.code or "quota")
+            raise
+
+    def _rejection(self, e: Overloaded) -> ServiceUnavailableError:
+        self.metrics.rejected(e.reason)
+        log.debug("refused a request: %s", e)
+        return ServiceUnavailableError(str(e), retry_after=e.retry_after)
+
+    async def _stream(self, request: EngineRequest, ticket: Ticket) -> AsyncIterator[RequestOutput]:
         """The worker's outputs. The first is awaited before returning, so a request the worker refuses becomes a
-        4xx response rather than an error inside a stream that already said 200."""
-        outputs = self._outputs(request)
+        4xx response rather than an error inside a stream that already said 200. From here the stream holds the
+        ticket: it is released when the stream ends, however it ends."""
+        outputs = self._outputs(request, ticket)
         first = await anext(outputs)
 
         async def chained() -> AsyncIterator[RequestOutput]:
@@ -184,21 +247,37 @@ class OpenAIServer:
 
         return chained()
 
-    async def _outputs(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request: EngineRequest, ticket: Ticket) -> AsyncIterator[RequestOutput]:
         try:
             async for out in self.client.generate(request):
+                if any(d.token_ids for d in out.deltas):
+                    ticket.first_token()
                 yield out
         except InvalidRequest as e:
             raise InvalidRequestError(str(e), param=e.param) from None
         except RemotePrefillFailed as e:
             raise ServiceUnavailableError(str(e).splitlines()[-1], retry_after=1) from None
+        except EngineStopped as e:  # the replica is being removed (scale-down, upgrade) and could not finish it
+            raise ServiceUnavailableError(str(e), retry_after=1, code="replica_stopping") from None
         except EngineDeadError as e:  # e.g. a rank of a parallel replica died; Serve's health check replaces it
             raise ServiceUnavailableError(f"this replica's engine stopped: {e}", retry_after=1) from None
+        finally:
+            ticket.release()
 
     # ---- /v1/chat/completions ----
-    async def chat(self, raw: bytes) -> ChatCompletion | AsyncIterator[str]:
+    async def chat(self, raw: bytes, key: str | None = None) -> ChatCompletion | AsyncIterator[str]:
+        """`key`: the name of the API key the request came with (its quota applies)."""
+        call = _Call(self, key)
         req = await self._parse(ChatCompletionRequest, raw)
         self._check_prompt_chars(chat_prompt_chars(req), "messages")
+        ticket = self._reserve(call, req.n)
+        try:
+            return await self._chat(call, req, len(raw) > INLINE_BODY_BYTES)
+        except BaseException:
+            ticket.release()
+            raise
+
+    async def _chat(self, call: _Call, req: ChatCompletionRequest, big: bool) -> ChatCompletion | AsyncIterator[str]:
         kwargs = req.template_kwargs()
 
         def render() -> tuple[str, list[int]]:
@@ -209,8 +288,9 @@ class OpenAIServer:
             self._check_prompt_chars(len(prompt), "messages")
             return prompt, self.tokenizer.encode(prompt)
 
-        prompt, ids = await self._off_loop(len(raw) > INLINE_BODY_BYTES, render)
+        prompt, ids = await self._off_loop(big, render)
         params = self._params(req, self.max_model_len - len(ids))
+        self._admit(call, len(ids))
         request_id = random_id("chatcmpl")
         engine_request = EngineRequest(request_id=request_id, prompt_token_ids=ids, params=params)
         response_id = req.request_id or request_id
@@ -219,28 +299,28 @@ class OpenAIServer:
             ChoiceAssembler(prompt.endswith("<think>"), kwargs["tools"], req.tool_stream) for _ in range(params.n)
         ]
         top = req.top_logprobs or 0
-        stream = await self._stream(engine_request)
+        stream = await self._stream(engine_request, call.ticket)
         if req.stream:
-            return self._chat_stream(req, engine_request, response_id, stream, assemblers, top)
-        return await self._chat_full(engine_request, response_id, stream, assemblers, top)
+            return self._chat_stream(call, req, engine_request, response_id, stream, assemblers, top)
+        return await self._chat_full(call, engine_request, response_id, stream, assemblers, top)
 
     async def _chat_full(
         self,
+        call: _Call,
         request: EngineRequest,
         response_id: str,
         stream: AsyncIterator[RequestOutput],
         assemblers: list[ChoiceAssembler],
         top: int,
     ) -> ChatCompletion:
-        timer = _Timer(self.metrics)
         logprobs = [[] for _ in assemblers]
         tokens = [[] for _ in assemblers]
         reasons: list[str | None] = [None] * len(assemblers)
         last = None
         async for out in stream:
             last = out
+            call.timer.output(out)
             for d in out.deltas:
-                timer.tokens(len(d.token_ids))
                 assemblers[d.index].feed(d.text)
                 tokens[d.index] += d.token_ids
                 if d.logprobs is not None:
@@ -264,11 +344,12 @@ class OpenAIServer:
                 )
             )
         usage = self._usage(last, sum(map(len, tokens)))
-        timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
+        call.done(reasons, usage)
         return ChatCompletion(id=response_id, model=self.model_name, choices=choices, usage=usage)
 
     async def _chat_stream(
         self,
+        call: _Call,
         req: ChatCompletionRequest,
         request: EngineRequest,
         response_id: str,
@@ -276,8 +357,6 @@ class OpenAIServer:
         assemblers: list[ChoiceAssembler],
         top: int,
     ) -> AsyncIterator[str]:
-        timer = _Timer(self.metrics)
-
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return sse_event(ChatCompletionChunk(id=response_id, model=self.model_name, choices=choices, usage=usage))
 
@@ -293,9 +372,9 @@ class OpenAIServer:
             )
             async for out in stream:
                 last = out
+                call.timer.output(out)
                 choices = []
                 for d in out.deltas:
-                    timer.tokens(len(d.token_ids))
                     completion_tokens += len(d.token_ids)
                     a = assemblers[d.index]
                     delta = a.feed(d.text)
@@ -317,8 +396,9 @@ class OpenAIServer:
             usage = self._usage(last, completion_tokens)
             if req.include_usage:
                 yield chunk([], usage)
-            timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
+            call.done(reasons, usage)
         except APIError as e:  # after the stream started, an error is an event, then the stream ends as usual
+            self.metrics.errored(e.status_code)
             yield sse_event(e.body())
         yield SSE_DONE
 
@@ -329,8 +409,18 @@ class OpenAIServer:
         return Usage.from_counts(last.num_prompt_tokens, completion_tokens, cached_tokens=last.num_cached_tokens)
 
     # ---- /v1/completions ----
-    async def completions(self, raw: bytes) -> Completion | AsyncIterator[str]:
+    async def completions(self, raw: bytes, key: str | None = None) -> Completion | AsyncIterator[str]:
+        """`key`: the name of the API key the request came with (its quota applies)."""
+        call = _Call(self, key)
         req = await self._parse(CompletionRequest, raw)
+        ticket = self._reserve(call, req.n)
+        try:
+            return await self._completion(call, req)
+        except BaseException:
+            ticket.release()
+            raise
+
+    async def _completion(self, call: _Call, req: CompletionRequest) -> Completion | AsyncIterator[str]:
         prompts = req.prompts()
         if len(prompts) != 1:
             raise InvalidRequestError(
@@ -344,6 +434,7 @@ class OpenAIServer:
             ids = list(prompt)
             self._check_prompt_ids(ids)
         params = self._params(req, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        self._admit(call, len(ids))
         request = EngineRequest(request_id=random_id("cmpl"), prompt_token_ids=ids, params=params)
         response_id = req.request_id or request.request_id
         log.debug("completion %s (client id %r): %d prompt tokens", request.request_id, req.request_id, len(ids))
@@ -353,10 +444,10 @@ class OpenAIServer:
                 echo = prompt
             else:
                 echo = await self._off_loop(len(ids) > INLINE_CHARS, lambda: self.tokenizer.decode(ids))
-        stream = await self._stream(request)
+        stream = await self._stream(request, call.ticket)
         if req.stream:
-            return self._completion_stream(req, request, response_id, stream, echo)
-        return await self._completion_full(request, response_id, stream, echo)
+            return self._completion_stream(call, req, request, response_id, stream, echo)
+        return await self._completion_full(call, request, response_id, stream, echo)
 
     def _completion_logprobs(self, d: CompletionDelta, offset: int) -> CompletionLogprobs | None:
         if d.logprobs is None:
@@ -372,16 +463,15 @@ class OpenAIServer:
         return lp
 
     async def _completion_full(
-        self, request: EngineRequest, response_id: str, stream: AsyncIterator[RequestOutput], echo: str
+        self, call: _Call, request: EngineRequest, response_id: str, stream: AsyncIterator[RequestOutput], echo: str
     ) -> Completion:
-        timer = _Timer(self.metrics)
         n = request.params.n
         texts, reasons, logprobs = [echo] * n, [None] * n, [None] * n
         completion_tokens, last = 0, None
         async for out in stream:
             last = out
+            call.timer.output(out)
             for d in out.deltas:
-                timer.tokens(len(d.token_ids))
                 completion_tokens += len(d.token_ids)
                 lp = self._completion_logprobs(d, len(texts[d.index]))
                 if lp is not None:
@@ -389,7 +479,7 @@ class OpenAIServer:
                 texts[d.index] += d.text
                 reasons[d.index] = d.finish_reason or reasons[d.index]
         usage = self._usage(last, completion_tokens)
-        timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
+        call.done(reasons, usage)
         choices = [
             CompletionChoice(index=i, text=texts[i], logprobs=logprobs[i], finish_reason=_plain_reason(reasons[i]))
             for i in range(n)
@@ -398,13 +488,13 @@ class OpenAIServer:
 
     async def _completion_stream(
         self,
+        call: _Call,
         req: CompletionRequest,
         request: EngineRequest,
         response_id: str,
         stream: AsyncIterator[RequestOutput],
         echo: str,
     ) -> AsyncIterator[str]:
-        timer = _Timer(self.metrics)
         n = request.params.n
         offsets = [len(echo)] * n
         reasons: list[str | None] = [None] * n
@@ -418,9 +508,9 @@ class OpenAIServer:
                 yield chunk([CompletionChunkChoice(index=i, text=echo) for i in range(n)])
             async for out in stream:
                 last = out
+                call.timer.output(out)
                 choices = []
                 for d in out.deltas:
-                    timer.tokens(len(d.token_ids))
                     completion_tokens += len(d.token_ids)
                     lp = self._completion_logprobs(d, offsets[d.index])
                     offsets[d.index] += len(d.text)
@@ -436,8 +526,9 @@ class OpenAIServer:
             usage = self._usage(last, completion_tokens)
             if req.include_usage:
                 yield chunk([], usage)
-            timer.done(reasons, usage.prompt_tokens, usage.completion_tokens)
+            call.done(reasons, usage)
         except APIError as e:
+            self.metrics.errored(e.status_code)
             yield sse_event(e.body())
         yield SSE_DONE
 

@@ -10,64 +10,26 @@ import json
 import logging
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from server_process import free_port
+from inprocess_server import BODY_LIMIT, KV_BUDGET, serving
 
 from glmserve import LLM, SamplingParams
-from glmserve.api.app import create_app
-from glmserve.api.openai_server import OpenAIServer
-from glmserve.decode.server import DecodeWorker
 from glmserve.engine.engine_args import EngineArgs
-from glmserve.model.default_checkpoint import default_checkpoint
-from glmserve.model.tokenizer import Tokenizer
 from glmserve.prefill.worker import PrefillWorker
 
 pytestmark = pytest.mark.timeout(300)
 
-KV_BUDGET = 256 << 20
-MAX_MODEL_LEN = 4096  # the embedded model's
-BODY_LIMIT = 4 << 20
 FAST_S = 0.1
 SLOW_CASE = "240,000-char prompt (tokenized, then refused)"
 
 
-@contextlib.contextmanager
-def serving(prefill: PrefillWorker | None = None, **app_options):
-    args = EngineArgs(kv_cache_memory_bytes=KV_BUDGET)
-    if prefill is None:
-        worker = DecodeWorker(args)
-    else:  # disaggregated: prompts of 100 tokens and more go through the prefill worker
-        worker = DecodeWorker(args, prefill=prefill.prefill, local_prefill_threshold=100)
-    server = OpenAIServer(
-        worker, Tokenizer.from_pretrained(default_checkpoint()), "glm5-tiny", max_model_len=MAX_MODEL_LEN
-    )
-    app = create_app(server, max_body_bytes=BODY_LIMIT, **app_options)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    http = uvicorn.Server(config)
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not http.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", worker
-    finally:
-        http.should_exit = True
-        thread.join(timeout=10)
-        worker.shutdown()
-
-
 @pytest.fixture(scope="module")
 def api():
-    with serving() as (base, worker):
+    with serving() as (base, worker, _):
         yield base, worker
 
 
@@ -212,7 +174,7 @@ def test_two_requests_under_one_client_request_id_both_come_out_whole(api):
 
 
 def test_what_the_api_key_covers():
-    with serving(api_key="sk-test") as (base, _):
+    with serving(api_keys={"default": "sk-test"}) as (base, _, _):
         key = {"authorization": "Bearer sk-test"}
         assert httpx.get(f"{base}/v1/models").status_code == 401
         assert httpx.get(f"{base}/v1/models", headers=key).status_code == 200
@@ -221,7 +183,7 @@ def test_what_the_api_key_covers():
         assert httpx.get(f"{base}/openapi.json", headers=key).status_code == 404  # not served by default
         r = httpx.post(f"{base}/v1/completions", content=b"x" * (BODY_LIMIT + 1))
         assert r.status_code == 401  # the key is checked before the body is read
-    with serving(api_key="sk-test", metrics_need_api_key=True, openapi=True) as (base, _):
+    with serving(api_keys={"default": "sk-test"}, metrics_need_api_key=True, openapi=True) as (base, _, _):
         key = {"authorization": "Bearer sk-test"}
         assert httpx.get(f"{base}/metrics").status_code == 401
         assert httpx.get(f"{base}/metrics", headers=key).status_code == 200
@@ -242,7 +204,7 @@ def test_client_disconnects_log_no_tracebacks(caplog):
                 await asyncio.wait_for(client.post(f"{base}/v1/completions", json=body), after_s)
 
     try:
-        with caplog.at_level(logging.INFO), serving(prefill=prefill) as (base, worker):
+        with caplog.at_level(logging.INFO), serving(prefill=prefill) as (base, worker, _):
             during_prefill = {"prompt": long_prompt, "max_tokens": 50}
             during_decode = {"prompt": "def f(x):", "max_tokens": 3000, "ignore_eos": True, "stream": True}
             asyncio.run(hang_up(base, during_prefill, 0.5))
