@@ -18,13 +18,15 @@ import ray
 import torch
 from pydantic import SecretStr
 from ray import serve
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from glmserve.api.app import create_app
 from glmserve.api.openai_server import OpenAIServer, RequestLimits
+from glmserve.api.quota import Quotas
 from glmserve.batch.routes import attach_batch_api
 from glmserve.decode.server import DecodeWorker
+from glmserve.engine.admission import Admission
 from glmserve.engine.remote import PrefillRequest, PrefillResult
 from glmserve.engine.request import EngineRequest
 from glmserve.kvtransfer.auth import ENV_VAR as KV_SECRET_ENV
@@ -36,10 +38,16 @@ from glmserve.prefill.worker import PrefillWorker
 from . import serve_env, stats_board
 from .parallel_engine import ParallelEngine, parallel_config
 from .prefill_ranks import ParallelPrefillWorker
-from .serving_config import RoleConfig, ServingConfig
+from .serving_config import Autoscaling, RoleConfig, ServingConfig
 
 log = logging.getLogger(__name__)
 STATS_PERIOD_S = 1.0
+QUOTA_SHARE_PERIOD_S = 5.0
+BACKPRESSURE_RETRY_AFTER_S = 1.0
+POLICIES = {
+    "prefill": "glmserve.cluster.autoscaling:PrefillSLOPolicy",
+    "decode": "glmserve.cluster.autoscaling:DecodeSLOPolicy",
+}
 
 
 def _limit_threads(role: RoleConfig) -> None:
@@ -67,14 +75,29 @@ class PrefillServer:
             self.worker = ParallelPrefillWorker(engine, transport, use_gpu=config.prefill.num_gpus > 0)
         else:
             self.worker = PrefillWorker(engine, transport, secret=_kv_secret(config))
+        self.backlog = Admission()  # no limits here (decode admits); it measures what waits and how fast it clears
         replica = serve.get_replica_context().replica_id.unique_id
-        self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(replica, self.worker.stats))
+        self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(replica, self._stats))
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
-        return await self.worker.prefill(request)
+        ticket = self.backlog.reserve()
+        ticket.admit_prompt(len(request.prompt_token_ids))
+        try:
+            result = await self.worker.prefill(request)
+            ticket.first_token()
+            return result
+        finally:
+            ticket.release()
+
+    def _stats(self) -> dict[str, float]:
+        return {**self.worker.stats(), **self.backlog.stats()}
 
     def record_routing_stats(self) -> dict[str, float]:
         return self.worker.stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What `PrefillSLOPolicy` sizes this role by."""
+        return {k: v for k, v in self._stats().items() if k != "role"}
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine died (e.g. one of its rank actors)."""
@@ -131,14 +154,48 @@ class DecodeServer:
                 max_stop_string_chars=api.max_stop_string_chars,
                 max_stop_token_ids=api.max_stop_token_ids,
             ),
+            admission=Admission(config.admission),
+            quotas=Quotas(config.api_keys),
         )
         self.max_body_bytes = api.max_body_bytes or max(1 << 20, 16 * max_model_len)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.board = stats_board.get_or_create(serve.get_replica_context().app_name)
-        self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(self.replica, self._stats))
+        loop = asyncio.get_event_loop()
+        self._stats_task = loop.create_task(_post_stats_forever(self.replica, self._stats))
+        if config.api_keys:
+            self._share_task = loop.create_task(self._follow_decode_replicas())
+        self._itl_seen = self.server.metrics.itl_totals()
 
     def _stats(self) -> dict[str, float]:
-        return {**self.worker.stats(), **self.server.metrics.samples()}
+        return {**self.worker.stats(), **self.server.admission.stats(), **self.server.metrics.samples()}
+
+    async def _follow_decode_replicas(self) -> None:
+        """Quotas are split over the decode replicas serving: keep this replica's share current."""
+        while True:
+            try:
+                snapshot = await self.board.snapshot.remote()
+                self.server.quotas.set_replicas(
+                    sum(1 for r in snapshot if r != self.replica and _is_decode(r, snapshot)) + 1
+                )
+            except Exception:  # the board may be restarting: keep the last share
+                log.debug("replica count refresh failed", exc_info=True)
+            await asyncio.sleep(QUOTA_SHARE_PERIOD_S)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What `DecodeSLOPolicy` sizes this role by; TPOT is the mean inter-token gap since the last call."""
+        total, count = self.server.metrics.itl_totals()
+        seen_total, seen_count = self._itl_seen
+        self._itl_seen = total, count
+        stats = {**self.worker.stats(), **self.server.admission.stats()}
+        return {
+            "kv_cache_usage": stats["kv_cache_usage"],
+            "num_requests_running": stats["num_requests_running"],
+            "num_requests_waiting": stats["num_requests_waiting"],
+            "queued_prompt_tokens": stats["queued_prompt_tokens"],
+            "prefill_tokens_per_s": stats["prefill_tokens_per_s"],
+            "tpot_s": (total - seen_total) / (count - seen_count) if count > seen_count else 0.0,
+            "max_num_seqs": self.config.engine.max_num_seqs,
+        }
 
     async def _replica_stats(self) -> dict[str, dict[str, float]]:
         # every replica's last post, and this one's as of now
@@ -148,7 +205,7 @@ class DecodeServer:
         api = self.config.api
         app = create_app(
             self.server,
-            self.config.api_key,
+            self.config.api_key_table,
             self._replica_stats,
             max_body_bytes=self.max_body_bytes,
             metrics_need_api_key=api.metrics_need_api_key,
@@ -173,6 +230,9 @@ class DecodeServer:
         self.worker.async_engine.check_alive()
 
     def __del__(self) -> None:
+        """Serve calls this once the replica has drained (or at shutdown): what is still open ends with a retryable
+        error and frees its blocks (`AsyncEngine.shutdown`)."""
+        self.server.admission.draining = True
         self.worker.shutdown()
         if self.parallel_engine is not None:
             self.parallel_engine.shutdown()
@@ -192,7 +252,12 @@ def _with_kv_secret(config: ServingConfig) -> ServingConfig:
     return config.model_copy(update={"kv_transfer": transfer})
 
 
-def _options(role: RoleConfig, config: ServingConfig, num_gpus: float | None = None) -> dict:
+def _is_decode(replica: str, snapshot: dict[str, dict[str, float]]) -> bool:
+    return snapshot[replica].get("role") == "decode" and not replica.startswith("autoscaler:")
+
+
+def _options(role_name: str, config: ServingConfig, num_gpus: float | None = None) -> dict:
+    role: RoleConfig = getattr(config, role_name)
     env = {**serve_env.replica_env(), KV_SECRET_ENV: _kv_secret(config)}  # rank actors inherit it
     options: dict = {
         "ray_actor_options": {
@@ -201,12 +266,32 @@ def _options(role: RoleConfig, config: ServingConfig, num_gpus: float | None = N
             "runtime_env": {"env_vars": env},
         },
         "max_ongoing_requests": role.max_ongoing_requests,
+        "max_queued_requests": role.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=BACKPRESSURE_RETRY_AFTER_S),
+        "graceful_shutdown_timeout_s": role.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": 1.0,
     }
     if role.autoscaling is not None:
-        options["autoscaling_config"] = role.autoscaling.model_dump()
+        options["autoscaling_config"] = autoscaling_config(role_name, role.autoscaling, config)
     else:
         options["num_replicas"] = role.replicas
     return options
+
+
+def autoscaling_config(role_name: str, auto: Autoscaling, config: ServingConfig) -> dict:
+    """Ray Serve's autoscaling_config for one role (a manifest's `deployments:` override must equal it)."""
+    serve_config = auto.model_dump(exclude={"policy", "target_kv_cache_usage"})
+    if auto.policy == "slo":
+        if role_name == "prefill":
+            kwargs = {"slo_ttft_s": config.slo_ttft_ms / 1000}
+        else:  # colocated, decode replicas prefill too: their TTFT counts
+            kwargs = {
+                "slo_tpot_s": config.slo_tpot_ms / 1000,
+                "target_kv_cache_usage": auto.target_kv_cache_usage,
+                "slo_ttft_s": None if config.has_prefill else config.slo_ttft_ms / 1000,
+            }
+        serve_config["policy"] = {"policy_function": POLICIES[role_name], "policy_kwargs": kwargs}
+    return serve_config
 
 
 def build_app(config: ServingConfig) -> serve.Application:
@@ -221,7 +306,7 @@ def build_app(config: ServingConfig) -> serve.Application:
                 request_router_class="glmserve.cluster.routers:PrefixAffinityRouter",
                 request_routing_stats_period_s=1,
             ),
-            **_options(config.prefill, config, num_gpus=0 if parallel_config(config.prefill_engine_args) else None),
+            **_options("prefill", config, num_gpus=0 if parallel_config(config.prefill_engine_args) else None),
         ).bind(config)
     return DecodeServer.options(
         request_router_config=RequestRouterConfig(
@@ -229,7 +314,7 @@ def build_app(config: ServingConfig) -> serve.Application:
             request_routing_stats_period_s=1,
         ),
         # a tensor/expert-parallel replica's GPUs are its ranks' (one each), not its own
-        **_options(config.decode, config, num_gpus=0 if parallel_config(config.engine) else None),
+        **_options("decode", config, num_gpus=0 if parallel_config(config.engine) else None),
     ).bind(config, prefill)
 
 

@@ -7,20 +7,33 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from glmserve.api.quota import ApiKey
 from glmserve.batch.options import BatchOptions
+from glmserve.engine.admission import AdmissionLimits
 from glmserve.engine.engine_args import EngineArgs
+
+DEFAULT_KEY_NAME = "default"
 
 
 class Autoscaling(BaseModel):
-    """Ray Serve autoscaling for one role; absent = a fixed replica count."""
+    """Ray Serve autoscaling for one role; absent = a fixed replica count.
+
+    `policy: slo` (the default) sizes the role from its SLO (`cluster/autoscaling.py`): prefill from the prompt
+    tokens waiting against `slo_ttft_ms` (queue time counted), decode from KV use, running sequences and TPOT
+    against `slo_tpot_ms`. `ongoing_requests` is Ray Serve's own policy on `target_ongoing_requests`. Serve applies
+    the bounds and the delays either way."""
 
     model_config = ConfigDict(extra="forbid")
 
+    policy: Literal["slo", "ongoing_requests"] = "slo"
     min_replicas: int = Field(0, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
+    target_kv_cache_usage: float = Field(0.75, gt=0, le=1)  # decode, policy slo
     upscale_delay_s: float = Field(10, ge=0)
     downscale_delay_s: float = Field(120, ge=0)
+    metrics_interval_s: float = Field(2, gt=0)  # how often replicas report
+    look_back_period_s: float = Field(10, gt=0)  # the window their reports are averaged over
 
 
 class RoleConfig(BaseModel):
@@ -30,6 +43,12 @@ class RoleConfig(BaseModel):
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)  # tensor/expert-parallel replica: > 0 gives each rank one GPU (the replica none)
     max_ongoing_requests: int = Field(256, gt=0)
+    # Requests Serve holds for this role once every replica has max_ongoing_requests; beyond it Serve answers 503
+    # with Retry-After, so nothing queues without bound anywhere on the path.
+    max_queued_requests: int = Field(256, gt=0)
+    # A replica being removed (scale-down, upgrade, shutdown) takes no new requests and has this long to finish the
+    # ones it holds; what is left then ends with a retryable 503 and its blocks freed.
+    graceful_shutdown_timeout_s: float = Field(120, gt=0)
     autoscaling: Autoscaling | None = None
 
 
@@ -82,8 +101,10 @@ class ServingConfig(BaseModel):
     kv_transfer: TransferConfig = Field(default_factory=TransferConfig)
     host: str = "127.0.0.1"
     port: int = Field(8000, gt=0, lt=65536)
-    api_key: str | None = None  # guards /v1/* (and /metrics, /openapi.json as `api` says)
+    api_key: str | None = None  # guards /v1/* (and /metrics, /openapi.json as `api` says); no quota
+    api_keys: list[ApiKey] = Field(default_factory=list)  # more keys, each with a name and optional quotas (429)
     api: ApiOptions = Field(default_factory=ApiOptions)
+    admission: AdmissionLimits = Field(default_factory=AdmissionLimits)  # per decode replica (503 when over)
     batch: BatchOptions = Field(default_factory=BatchOptions)  # /v1/files and /v1/batches: store path, priority
     slo_ttft_ms: float = Field(2000, gt=0)
     slo_tpot_ms: float = Field(200, gt=0)
@@ -92,7 +113,18 @@ class ServingConfig(BaseModel):
     def _decode_exists(self) -> "ServingConfig":
         if self.decode.replicas < 1 and not (self.decode.autoscaling and self.decode.autoscaling.min_replicas >= 1):
             raise ValueError("decode.replicas must be >= 1: decode workers orchestrate every request")
+        names = [k.name for k in self.api_keys]
+        if len(set(names)) != len(names) or DEFAULT_KEY_NAME in names:
+            raise ValueError(f"api_keys: names must be unique and not {DEFAULT_KEY_NAME!r}")
         return self
+
+    @property
+    def api_key_table(self) -> dict[str, str]:
+        """Every accepted key by its name (`api_key` is named "default")."""
+        keys = {k.name: k.key.get_secret_value() for k in self.api_keys}
+        if self.api_key:
+            keys[DEFAULT_KEY_NAME] = self.api_key
+        return keys
 
     @property
     def has_prefill(self) -> bool:

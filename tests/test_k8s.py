@@ -19,6 +19,7 @@ from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeAppli
 from glmserve.bench.serve import BenchServeConfig
 from glmserve.bench.traces import NAMED_TRACES
 from glmserve.cli import build_parser
+from glmserve.cluster.app import autoscaling_config
 from glmserve.cluster.serving_config import RoleConfig, ServingConfig
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"
@@ -246,15 +247,20 @@ def test_deployment_overrides_agree_with_the_args(rayservice):
             actor = opts.get("ray_actor_options")
             if actor is not None:  # replaces the code's options whole: both numbers must be there
                 assert (actor.get("num_cpus"), actor.get("num_gpus")) == (role.num_cpus, role.num_gpus), name
-            assert opts.get("max_ongoing_requests", role.max_ongoing_requests) == role.max_ongoing_requests, name
+            for key in ("max_ongoing_requests", "max_queued_requests", "graceful_shutdown_timeout_s"):
+                assert opts.get(key, getattr(role, key)) == getattr(role, key), f"{name}.{key}"
             if role.autoscaling is None:
                 assert "autoscaling_config" not in opts, name
                 assert opts.get("num_replicas", role.replicas) == role.replicas, name
             else:
                 assert "num_replicas" not in opts, name
-                scaling = opts.get("autoscaling_config", {})
-                for key, value in role.autoscaling.model_dump().items():
-                    assert scaling.get(key, value) == value, f"{name}.autoscaling_config.{key}"
+                # an override replaces the code's autoscaling_config whole, so it must hold the policy too
+                scaling = opts.get("autoscaling_config")
+                if scaling is not None:
+                    expected = autoscaling_config(role_name, role.autoscaling, config)
+                    for key, value in expected.items():
+                        assert scaling.get(key, value) == value, f"{name}.autoscaling_config.{key}"
+                    assert scaling.get("policy") == expected.get("policy"), f"{name}.autoscaling_config.policy"
 
 
 @pytest.mark.parametrize("rayservice", documents_of("RayService"))
