@@ -106,6 +106,13 @@ def _bench_goodput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_overload(args: argparse.Namespace) -> int:
+    from glmserve.bench.overload import run_from_args
+
+    run_from_args(args)
+    return 0
+
+
 def _bench_scheduler(args: argparse.Namespace) -> int:
     from glmserve.bench.scheduler import run_bench_scheduler
 
@@ -222,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     goodput = bench.add_parser("goodput", help="disaggregated vs colocated goodput on the same devices (DistServe)")
     add_bench_goodput_args(goodput)
     goodput.set_defaults(func=_bench_goodput)
+    from glmserve.bench.overload import add_bench_overload_args
+
+    overload = bench.add_parser("overload", help="one replica past its capacity, with and without admission control")
+    add_bench_overload_args(overload)
+    overload.set_defaults(func=_bench_overload)
     sched = bench.add_parser("scheduler", help="CPU cost of one scheduling step vs context length")
     sched.add_argument("--num-seqs", type=int, default=256)
     sched.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768])

@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 
 LATENCY_METRICS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
 # the summary's keys that are not figures of the run (its config, per-request lists): the JSON's `extra`
-_DETAIL_KEYS = ("config", "input_lens", "output_lens", "ttfts", "itls", "e2els", "errors")
+_DETAIL_KEYS = (
+    "config", "input_lens", "output_lens", "ttfts", "itls", "e2els", "errors", "statuses", "refused_after"
+)  # fmt: skip
 
 
 class BenchServeConfig(BaseModel):
@@ -118,6 +120,8 @@ class RequestResult:
     itls_s: list[float] = field(default_factory=list)
     e2el_s: float | None = None
     error: str | None = None
+    status: int | None = None  # the HTTP status, once the server answered
+    refused_after_s: float | None = None  # sending -> an error status (a refusal's latency)
 
     @property
     def tpot_s(self) -> float:
@@ -165,7 +169,9 @@ async def stream_completion(
     try:
         async with asyncio.timeout(timeout_s):
             async with session.post(url, json=payload, headers=headers) as response:
+                result.status = response.status
                 if response.status != 200:
+                    result.refused_after_s = time.perf_counter() - start
                     body = await response.text()
                     with contextlib.suppress(ValueError):
                         body = _error_message(json.loads(body))
@@ -321,6 +327,8 @@ def summarize(config: BenchServeConfig, results: list[RequestResult], not_sent: 
         itls=[r.itls_s for r in results],
         e2els=[r.e2el_s for r in results],
         errors=[r.error for r in results],
+        statuses=[r.status for r in results],
+        refused_after=[r.refused_after_s for r in results],
     )
     return summary
 
