@@ -264,6 +264,18 @@ def test_deployment_overrides_agree_with_the_args(rayservice):
 
 
 @pytest.mark.parametrize("rayservice", documents_of("RayService"))
+def test_pods_outlive_the_replicas_drain(rayservice):
+    """A pod deleted (upgrade, scale-in) must give its replicas graceful_shutdown_timeout_s before SIGKILL."""
+    drain = max(
+        getattr(ServingConfig.model_validate(app["args"]), role).graceful_shutdown_timeout_s
+        for app in applications(rayservice)
+        for role in ROLES.values()
+    )
+    for name, pod in pod_templates(rayservice["spec"]["rayClusterConfig"]):
+        assert pod["spec"].get("terminationGracePeriodSeconds", 30) > drain, name
+
+
+@pytest.mark.parametrize("rayservice", documents_of("RayService"))
 def test_replicas_pack_into_the_pods(rayservice):
     cluster = rayservice["spec"]["rayClusterConfig"]
     for app in applications(rayservice):
