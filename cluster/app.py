@@ -11,6 +11,7 @@ config and, for the rank actors of parallel replicas (which inherit it), in thei
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -56,6 +57,14 @@ def _limit_threads(role: RoleConfig) -> None:
         torch.set_num_threads(max(1, int(role.num_cpus)))
 
 
+def _leave_board(replica: str, posting: asyncio.Task) -> None:
+    """From a replica's __del__: stop posting and take it off the stats board (fire and forget; never raises)."""
+    with contextlib.suppress(Exception):  # Serve may call __del__ off the loop the task runs on
+        posting.get_loop().call_soon_threadsafe(posting.cancel)
+    with contextlib.suppress(Exception):
+        stats_board.get_or_create(serve.get_replica_context().app_name).forget.remote(replica)
+
+
 async def _post_stats_forever(replica: str, stats) -> None:
     board = stats_board.get_or_create(serve.get_replica_context().app_name)
     while True:
@@ -76,8 +85,8 @@ class PrefillServer:
         else:
             self.worker = PrefillWorker(engine, transport, secret=_kv_secret(config))
         self.backlog = Admission()  # no limits here (decode admits); it measures what waits and how fast it clears
-        replica = serve.get_replica_context().replica_id.unique_id
-        self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(replica, self._stats))
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._stats_task = asyncio.get_event_loop().create_task(_post_stats_forever(self.replica, self._stats))
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         ticket = self.backlog.reserve()
@@ -105,6 +114,7 @@ class PrefillServer:
 
     def __del__(self) -> None:
         self.worker.shutdown()
+        _leave_board(self.replica, self._stats_task)
 
 
 @serve.deployment(name="DecodeServer")
@@ -236,6 +246,7 @@ class DecodeServer:
         self.worker.shutdown()
         if self.parallel_engine is not None:
             self.parallel_engine.shutdown()
+        _leave_board(self.replica, self._stats_task)
 
 
 def _kv_secret(config: ServingConfig) -> str | None:

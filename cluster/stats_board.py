@@ -21,6 +21,10 @@ class StatsBoard:
     def post(self, replica: str, stats: dict[str, float]) -> None:
         self._latest[replica] = (time.monotonic(), stats)
 
+    def forget(self, replica: str) -> None:
+        """A replica going away leaves at once (its last figures must not count as a live replica's for STALE_S)."""
+        self._latest.pop(replica, None)
+
     def snapshot(self) -> dict[str, dict[str, float]]:
         now = time.monotonic()
         self._latest = {r: v for r, v in self._latest.items() if now - v[0] < STALE_S}
