@@ -20,7 +20,9 @@ from typing import Any
 
 from ray.serve.config import AutoscalingContext
 
-logger = logging.getLogger(__name__)
+# A child of Serve's logger: policies run in the Serve controller, whose log takes only "ray.serve" records (a
+# module logger's INFO lines, the decisions, were dropped there).
+logger = logging.getLogger("ray.serve").getChild(__name__)
 
 EXPORT_INTERVAL_S = 1.0  # the controller ticks every ~0.1 s; /metrics needs far less
 _EPS = 1e-9  # so that 3 * 0.75 / 0.75 = 3.0000000000000004 asks for 3 replicas, not 4

@@ -218,6 +218,14 @@ def context(
     )
 
 
+@pytest.fixture(autouse=True)
+def _policy_log_to_caplog(caplog):
+    """The policy logs under "ray.serve", which does not propagate to the root logger caplog listens on."""
+    autoscaling.logger.addHandler(caplog.handler)
+    yield
+    autoscaling.logger.removeHandler(caplog.handler)
+
+
 @pytest.fixture
 def posts(monkeypatch) -> list[tuple[str, str, dict]]:
     sent: list[tuple[str, str, dict]] = []
@@ -227,7 +235,7 @@ def posts(monkeypatch) -> list[tuple[str, str, dict]]:
 
 def test_decode_policy_scales_logs_and_exports(posts, caplog):
     policy = DecodeSLOPolicy(slo_tpot_s=SLO_TPOT)
-    with caplog.at_level(logging.DEBUG, logger=autoscaling.__name__):
+    with caplog.at_level(logging.DEBUG, logger=autoscaling.logger.name):
         desired, state = policy(context([STEADY_DECODE | {"kv_cache_usage": 0.9}] * 2))
     assert (desired, state) == (3, {})
     [record] = caplog.records
@@ -247,7 +255,7 @@ def test_decode_policy_scales_logs_and_exports(posts, caplog):
 
 def test_a_held_count_logs_at_debug_and_a_repeated_wish_logs_info_once(posts, caplog):
     policy = DecodeSLOPolicy(slo_tpot_s=SLO_TPOT)
-    with caplog.at_level(logging.DEBUG, logger=autoscaling.__name__):
+    with caplog.at_level(logging.DEBUG, logger=autoscaling.logger.name):
         assert policy(context([STEADY_DECODE] * 2))[0] == 2
         for t in range(3):  # the same wish every tick while Serve's upscale delay runs
             assert policy(context([STEADY_DECODE | {"tpot_s": 0.1}] * 2, now=1001.0 + t))[0] == 4
@@ -262,14 +270,14 @@ def test_policies_hold_without_metrics(posts, metrics):
 
 def test_a_failing_decision_holds_the_count(posts, caplog):
     policy = DecodeSLOPolicy(slo_tpot_s=SLO_TPOT)
-    with caplog.at_level(logging.DEBUG, logger=autoscaling.__name__):
+    with caplog.at_level(logging.DEBUG, logger=autoscaling.logger.name):
         assert policy(context([{"kv_cache_usage": "high"}] * 2, target=3)) == (3, {})
     assert caplog.records[0].levelno == logging.WARNING and caplog.records[0].exc_info
 
 
 def test_prefill_policy_scales_from_backlog_and_handle_queue(posts, caplog):
     policy = PrefillSLOPolicy(slo_ttft_s=1.0)
-    with caplog.at_level(logging.INFO, logger=autoscaling.__name__):
+    with caplog.at_level(logging.INFO, logger=autoscaling.logger.name):
         desired, _ = policy(context([prefill_replica(16000)], queued=8.0, deployment="prefill"))
     assert desired == 8
     assert "desired 8 (backlog)" in caplog.records[0].getMessage()
@@ -296,7 +304,7 @@ def test_a_failing_export_does_not_break_autoscaling(monkeypatch, caplog):
         raise ConnectionError("no Ray here")
 
     monkeypatch.setattr(autoscaling._SLOPolicy, "_send", unreachable)
-    with caplog.at_level(logging.DEBUG, logger=autoscaling.__name__):
+    with caplog.at_level(logging.DEBUG, logger=autoscaling.logger.name):
         assert DecodeSLOPolicy(slo_tpot_s=SLO_TPOT)(context([STEADY_DECODE | {"tpot_s": 0.2}]))[0] == 4
     assert any("stats board failed" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
 
