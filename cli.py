@@ -113,6 +113,13 @@ def _bench_overload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_autoscale(args: argparse.Namespace) -> int:
+    from glmserve.bench.autoscale import run_bench_autoscale
+
+    run_bench_autoscale(args)
+    return 0
+
+
 def _bench_scheduler(args: argparse.Namespace) -> int:
     from glmserve.bench.scheduler import run_bench_scheduler
 
@@ -234,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     overload = bench.add_parser("overload", help="one replica past its capacity, with and without admission control")
     add_bench_overload_args(overload)
     overload.set_defaults(func=_bench_overload)
+    from glmserve.bench.autoscale import add_bench_autoscale_args
+
+    autoscale = bench.add_parser("autoscale", help="the SLO autoscaling policy on a real app: a timeline and a plot")
+    add_bench_autoscale_args(autoscale)
+    autoscale.set_defaults(func=_bench_autoscale)
     sched = bench.add_parser("scheduler", help="CPU cost of one scheduling step vs context length")
     sched.add_argument("--num-seqs", type=int, default=256)
     sched.add_argument("--contexts", type=int, nargs="+", default=[1024, 32768])
